@@ -1,0 +1,1 @@
+"""slurm-netacct: per-job network accounting for SLURM."""

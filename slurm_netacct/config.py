@@ -1,0 +1,226 @@
+"""Reading and validating the TOML configuration (/etc/slurm/netacct.toml)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import naming
+from .errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/slurm/netacct.toml")
+ENV_VAR = "NETACCT_CONFIG"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_CLASSES: dict[str, list[str]] = {
+    "lan": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"],
+}
+_CLASS_RE = re.compile(r"[a-z][a-z0-9_]{0,15}")
+FIREWALLS = ("auto", "nftables", "iptables")
+MODES = ("nat",)
+
+_TOP_KEYS = {
+    "uplink", "netns_prefix", "ifname_prefix", "db", "default_class", "firewall", "mode",
+    "log_file", "netns_dir", "pool", "classes",
+}
+_POOL_KEYS = {"ipv4", "ipv6", "class"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated configuration; every field has the documented default."""
+
+    uplink: str | None = None
+    netns_prefix: str = "netacct-"
+    ifname_prefix: str = "na"
+    netns_dir: Path = Path("/run/netns")
+    db: Path = Path("/var/lib/slurm-netacct/netacct.db")
+    default_class: str = "wan"
+    firewall: str = "auto"
+    mode: str = "nat"
+    log_file: Path | None = None
+    pool_ipv4: ipaddress.IPv4Network = ipaddress.IPv4Network("100.64.0.0/16")
+    pool_ipv6: ipaddress.IPv6Network | None = None
+    pool_class: str = "lan"
+    # Ordered: first match wins. Each class -> its prefixes (the pool is added to pool_class).
+    classes: dict[str, tuple[IPNetwork, ...]] = field(default_factory=dict)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Every class a counter exists for, in match order, the default class last."""
+        names = list(self.classes)
+        if self.default_class not in names:
+            names.append(self.default_class)
+        return names
+
+    def class_prefixes(self) -> list[tuple[str, IPNetwork]]:
+        """(class, prefix) pairs in match order; the pools first, as they are most specific."""
+        pairs: list[tuple[str, IPNetwork]] = [(self.pool_class, self.pool_ipv4)]
+        if self.pool_ipv6 is not None:
+            pairs.append((self.pool_class, self.pool_ipv6))
+        for name, prefixes in self.classes.items():
+            pairs.extend((name, p) for p in prefixes)
+        return pairs
+
+
+def _err(key: str, msg: str) -> ConfigError:
+    return ConfigError(f"config key '{key}': {msg}")
+
+
+def _str(data: dict[str, Any], key: str, full: str) -> str | None:
+    if key not in data:
+        return None
+    value = data[key]
+    if not isinstance(value, str) or value == "":
+        raise _err(full, "must be a non-empty string")
+    return value
+
+
+def _network(value: Any, key: str) -> IPNetwork:
+    if not isinstance(value, str):
+        raise _err(key, f"{value!r} is not a prefix string")
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        raise _err(key, f"{value!r} is not a valid IP prefix ({exc})") from None
+
+
+def parse(data: dict[str, Any]) -> Config:
+    """Validate a decoded TOML document and return the Config; raise ConfigError naming the key."""
+    if not isinstance(data, dict):
+        raise ConfigError("config: the document must be a table")
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise _err(key, "unknown key")
+    kw: dict[str, Any] = {}
+
+    uplink = _str(data, "uplink", "uplink")
+    if uplink is not None:
+        if len(uplink) >= naming.IFNAMSIZ or "/" in uplink or uplink.strip() != uplink:
+            raise _err("uplink", f"{uplink!r} is not a valid interface name")
+        kw["uplink"] = uplink
+    prefix = _str(data, "netns_prefix", "netns_prefix")
+    if prefix is not None:
+        if not naming.valid_netns_prefix(prefix):
+            raise _err("netns_prefix", f"{prefix!r} may only hold letters, digits, '.', '_', '-'")
+        kw["netns_prefix"] = prefix
+    ifprefix = _str(data, "ifname_prefix", "ifname_prefix")
+    if ifprefix is not None:
+        if not naming.valid_ifname_prefix(ifprefix):
+            raise _err("ifname_prefix", f"{ifprefix!r} must be 1-4 lowercase letters/digits, starting with a letter")
+        kw["ifname_prefix"] = ifprefix
+    for key in ("db", "log_file", "netns_dir"):
+        value = _str(data, key, key)
+        if value is not None:
+            if not value.startswith("/"):
+                raise _err(key, f"{value!r} must be an absolute path")
+            kw[key] = Path(value)
+    firewall = _str(data, "firewall", "firewall")
+    if firewall is not None:
+        if firewall not in FIREWALLS:
+            raise _err("firewall", f"{firewall!r} is not one of {', '.join(FIREWALLS)}")
+        kw["firewall"] = firewall
+    mode = _str(data, "mode", "mode")
+    if mode is not None:
+        if mode not in MODES:
+            raise _err("mode", f"{mode!r} is not one of {', '.join(MODES)}")
+        kw["mode"] = mode
+
+    classes_raw = data.get("classes", DEFAULT_CLASSES)
+    if not isinstance(classes_raw, dict):
+        raise _err("classes", "must be a table of class = [prefixes]")
+    classes: dict[str, tuple[IPNetwork, ...]] = {}
+    for name, prefixes in classes_raw.items():
+        key = f"classes.{name}"
+        if not _CLASS_RE.fullmatch(name):
+            raise _err(key, "class names are 1-16 of [a-z0-9_], starting with a letter")
+        if not isinstance(prefixes, list):
+            raise _err(key, "must be a list of prefixes")
+        classes[name] = tuple(_network(p, key) for p in prefixes)
+    kw["classes"] = classes
+
+    default_class = _str(data, "default_class", "default_class")
+    if default_class is not None:
+        if not _CLASS_RE.fullmatch(default_class):
+            raise _err("default_class", "class names are 1-16 of [a-z0-9_], starting with a letter")
+        kw["default_class"] = default_class
+
+    pool = data.get("pool", {})
+    if not isinstance(pool, dict):
+        raise _err("pool", "must be a table")
+    for key in pool:
+        if key not in _POOL_KEYS:
+            raise _err(f"pool.{key}", "unknown key")
+    if "ipv4" in pool:
+        net = _network(pool["ipv4"], "pool.ipv4")
+        if net.version != 4:
+            raise _err("pool.ipv4", f"{net} is not an IPv4 prefix")
+        kw["pool_ipv4"] = net
+    if "ipv6" in pool:
+        net6 = _network(pool["ipv6"], "pool.ipv6")
+        if net6.version != 6:
+            raise _err("pool.ipv6", f"{net6} is not an IPv6 prefix")
+        kw["pool_ipv6"] = net6
+    if "class" in pool:
+        pclass = _str(pool, "class", "pool.class")
+        kw["pool_class"] = pclass
+
+    cfg = Config(**kw)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    """Cross-key checks: pool sizes, pool overlap with other classes, the pool's class."""
+    if cfg.pool_class not in cfg.class_names:
+        raise _err("pool.class", f"{cfg.pool_class!r} is neither a class nor the default class")
+    if cfg.pool_ipv4.prefixlen > 30:
+        raise _err("pool.ipv4", f"{cfg.pool_ipv4} is too small: it needs a gateway and at least one job")
+    if cfg.pool_ipv6 is not None:
+        if cfg.pool_ipv6.prefixlen > 120:
+            raise _err("pool.ipv6", f"{cfg.pool_ipv6} is too small (at most /120)")
+        if cfg.pool_ipv6.is_link_local or cfg.pool_ipv6.is_multicast:
+            raise _err("pool.ipv6", f"{cfg.pool_ipv6} must be a routable prefix")
+    if cfg.pool_ipv4.is_loopback or cfg.pool_ipv4.is_multicast or cfg.pool_ipv4.is_link_local:
+        raise _err("pool.ipv4", f"{cfg.pool_ipv4} must be a routable prefix")
+    pools: list[tuple[str, IPNetwork]] = [("pool.ipv4", cfg.pool_ipv4)]
+    if cfg.pool_ipv6 is not None:
+        pools.append(("pool.ipv6", cfg.pool_ipv6))
+    for key, pool in pools:
+        for name, prefixes in cfg.classes.items():
+            if name == cfg.pool_class:
+                continue
+            for p in prefixes:
+                if p.version == pool.version and p.overlaps(pool):
+                    raise _err(key, f"{pool} overlaps {p} of class '{name}'; job addresses must be class '{cfg.pool_class}'")
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load the configuration from path, $NETACCT_CONFIG, or /etc/slurm/netacct.toml.
+
+    A missing default file means all defaults; a missing explicitly named file is an error.
+    """
+    explicit = path is not None or bool(os.environ.get(ENV_VAR))
+    p = Path(path if path is not None else os.environ.get(ENV_VAR) or DEFAULT_PATH)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {p} does not exist") from None
+        return parse({})
+    except OSError as exc:
+        raise ConfigError(f"config file {p}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {p}: not valid TOML ({exc})") from None
+    try:
+        return parse(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None

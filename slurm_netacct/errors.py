@@ -1,0 +1,64 @@
+"""The project's exception types and the exit code each one maps to."""
+
+from __future__ import annotations
+
+
+class NetacctError(Exception):
+    """Base class: a failure with a one-line message and a documented exit code."""
+
+    exit_code = 1
+
+
+class UsageError(NetacctError):
+    """The command line was malformed."""
+
+    exit_code = 2
+
+
+class ConfigError(NetacctError):
+    """The configuration file is missing, unreadable or invalid."""
+
+    exit_code = 3
+
+
+class JobIdError(NetacctError):
+    """A job id (SLURM_JOB_ID or --job) is missing or not a valid SLURM job id."""
+
+    exit_code = 4
+
+
+class NoNamespaceError(NetacctError):
+    """The job has no network namespace on this node."""
+
+    exit_code = 5
+
+
+class PoolExhaustedError(NetacctError):
+    """No free address is left in the configured pool."""
+
+    exit_code = 6
+
+
+class SetupError(NetacctError):
+    """Building or tearing down the job's network failed (kernel, nft, iptables)."""
+
+    exit_code = 7
+
+
+class StoreError(NetacctError):
+    """The node database could not be read or written."""
+
+    exit_code = 8
+
+
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    1: "unexpected internal error (a bug: please report it with the log)",
+    2: "usage error on the command line",
+    3: "configuration error",
+    4: "invalid or missing job id",
+    5: "the job has no network namespace on this node",
+    6: "the address pool is exhausted",
+    7: "network setup or teardown failed",
+    8: "database error",
+}

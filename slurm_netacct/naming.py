@@ -1,0 +1,91 @@
+"""The one source of names: every kernel object and file derives its name from here."""
+
+from __future__ import annotations
+
+import re
+
+# SLURM job ids are uint32; 0xfffffffe (NO_VAL) and 0xffffffff (INFINITE) are sentinels.
+MAX_JOB_ID = 0xFFFFFFFD
+IFNAMSIZ = 16  # including the trailing NUL: interface names have at most 15 characters
+JOB_IFNAME = "eth0"  # the job's end of the veth pair, inside the job's namespace
+NFT_TABLE = "netacct"  # the accounting table inside each job namespace (family inet)
+NODE_NFT_TABLE = "netacct_node"  # the node-side NAT table (one per node, shared by all jobs)
+IPT_CHAIN_PREFIX = "NETACCT"  # iptables chains: NETACCT_OUT, NETACCT_IN, NETACCT_<CLASS>_<DIR>
+
+_JOB_ID_RE = re.compile(r"[1-9][0-9]{0,9}")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
+_IFPREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,3}")
+MAX_JOB_ID_DIGITS = 10
+
+
+def parse_job_id(value: str | int | None) -> int:
+    """Return the job id as an int, or raise ValueError with a one-line reason.
+
+    Accepts only canonical decimal (no sign, spaces or leading zeros) in 1..MAX_JOB_ID, so that
+    one job has exactly one name and a crafted value can never produce a path.
+    """
+    if value is None:
+        raise ValueError("job id is missing")
+    text = str(value)
+    if text == "":
+        raise ValueError("job id is empty")
+    if not _JOB_ID_RE.fullmatch(text):
+        raise ValueError(f"job id {text[:40]!r} is not a positive decimal number")
+    job = int(text)
+    if job > MAX_JOB_ID:
+        raise ValueError(f"job id {text} is out of range (1..{MAX_JOB_ID})")
+    return job
+
+
+def valid_netns_prefix(prefix: str) -> bool:
+    """True if prefix can start a namespace file name (no '/', no dot-only names)."""
+    return bool(_PREFIX_RE.fullmatch(prefix)) and prefix not in {".", ".."}
+
+
+def valid_ifname_prefix(prefix: str) -> bool:
+    """True if prefix + the longest job id + 'h' still fits IFNAMSIZ."""
+    return bool(_IFPREFIX_RE.fullmatch(prefix)) and len(prefix) + MAX_JOB_ID_DIGITS < IFNAMSIZ
+
+
+def netns_name(prefix: str, job_id: int) -> str:
+    """Name of the job's network namespace (a file under /run/netns)."""
+    return f"{prefix}{job_id}"
+
+
+def host_ifname(ifname_prefix: str, job_id: int) -> str:
+    """Node-side end of the job's veth pair."""
+    name = f"{ifname_prefix}{job_id}"
+    assert len(name) < IFNAMSIZ, name
+    return name
+
+
+def job_id_from_netns(prefix: str, name: str) -> int | None:
+    """Inverse of netns_name: the job id, or None if name is not one of ours."""
+    if not name.startswith(prefix):
+        return None
+    try:
+        return parse_job_id(name[len(prefix):])
+    except ValueError:
+        return None
+
+
+def job_id_from_ifname(ifname_prefix: str, name: str) -> int | None:
+    """Inverse of host_ifname: the job id, or None if name is not one of ours."""
+    if not name.startswith(ifname_prefix):
+        return None
+    try:
+        return parse_job_id(name[len(ifname_prefix):])
+    except ValueError:
+        return None
+
+
+def counter_name(klass: str, direction: str) -> str:
+    """Name of an nft named counter inside the job's table, e.g. lan_out."""
+    return f"{klass}_{direction}"
+
+
+def ipt_chain(suffix: str) -> str:
+    """iptables chain name (x_tables allows 28 characters)."""
+    name = f"{IPT_CHAIN_PREFIX}_{suffix}".upper()
+    assert len(name) <= 28, name
+    return name

@@ -1,0 +1,216 @@
+"""Network namespaces, the veth pair, addresses and routes of a job (pyroute2 netlink)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import ipaddress
+import os
+import pickle
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import NoNamespaceError, SetupError
+
+CLONE_NEWNET = 0x40000000
+IFA_F_NODAD = 0x02
+GATEWAY_V6 = "fe80::1"  # the node-side address on every job link (link-local, same on all)
+T = TypeVar("T")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+@dataclass(frozen=True)
+class JobAddresses:
+    """Addresses of one job link: the job's own and the node-side gateway."""
+
+    ipv4: ipaddress.IPv4Address
+    gateway4: ipaddress.IPv4Address
+    ipv6: ipaddress.IPv6Address | None = None
+
+
+def _nsfs_dev() -> int:
+    return os.stat("/proc/self/ns/net").st_dev
+
+
+def is_netns(path: Path) -> bool:
+    """True if path is a bind-mounted network namespace (not merely a leftover empty file)."""
+    try:
+        return os.stat(path).st_dev == _nsfs_dev()
+    except OSError:
+        return False
+
+
+def setns(path: Path) -> None:
+    """Move the calling thread (the whole process if single-threaded) into the namespace."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NoNamespaceError(f"{path}: no such network namespace") from None
+    try:
+        if not is_netns(path):
+            raise NoNamespaceError(f"{path}: not a network namespace")
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise SetupError(f"setns({path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def run_in_netns(path: Path, func: Callable[..., T], *args: Any) -> T:
+    """Run func(*args) in a forked child that has joined the namespace; return its result.
+
+    The parent stays where it is. Exceptions raised by func are re-raised in the parent.
+    """
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(rfd)
+        try:
+            setns(path)
+            payload: tuple[bool, Any] = (True, func(*args))
+        except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+            try:
+                pickle.dumps(exc)
+                payload = (False, exc)
+            except Exception:
+                payload = (False, SetupError("".join(traceback.format_exception_only(exc)).strip()))
+        try:
+            with os.fdopen(wfd, "wb") as w:
+                pickle.dump(payload, w)
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as r:
+        data = r.read()
+    os.waitpid(pid, 0)
+    if not data:
+        raise SetupError(f"helper process in {path} died")
+    ok, value = pickle.loads(data)
+    if not ok:
+        raise value
+    return value
+
+
+def create(path: Path) -> None:
+    """Create a new network namespace bind-mounted at path (like `ip netns add`)."""
+    from pyroute2 import netns as prnetns
+
+    try:
+        prnetns.create(str(path))
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        raise SetupError(f"cannot create network namespace {path}: {exc}") from None
+
+
+def remove(path: Path) -> bool:
+    """Unmount and unlink a namespace file; False if there was nothing to remove."""
+    if not os.path.lexists(path):
+        return False
+    if _libc.umount2(str(path).encode(), 2) != 0:  # MNT_DETACH
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):  # EINVAL: a leftover file, not mounted
+            raise SetupError(f"umount {path}: {os.strerror(err)}")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _ipr(netns_path: Path | None = None) -> Any:
+    from pyroute2 import IPRoute
+
+    if netns_path is None:
+        return IPRoute()
+    return IPRoute(netns=str(netns_path))
+
+
+def link_index(name: str) -> int | None:
+    """Index of a link in the current namespace, or None."""
+    with _ipr() as ipr:
+        found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def default_uplink() -> str | None:
+    """Name of the interface that carries the IPv4 default route, if any."""
+    with _ipr() as ipr:
+        for route in ipr.get_default_routes(family=2):
+            oif = route.get("oif") or route.get_attr("RTA_OIF")
+            if oif:
+                links = ipr.get_links(oif)
+                if links:
+                    return str(links[0].get_attr("IFLA_IFNAME"))
+    return None
+
+
+def build_link(netns_path: Path, host_if: str, job_if: str, addrs: JobAddresses) -> None:
+    """Make the veth pair host_if <-> job_if (inside the namespace), addresses and routes."""
+    gw4 = str(addrs.gateway4)
+    try:
+        with _ipr() as ipr:
+            ipr.link("add", ifname=host_if, kind="veth",
+                     peer={"ifname": job_if, "net_ns_fd": str(netns_path)})
+            idx = ipr.link_lookup(ifname=host_if)[0]
+            ipr.addr("add", index=idx, address=gw4, prefixlen=32)
+            if addrs.ipv6 is not None:
+                ipr.addr("add", index=idx, address=GATEWAY_V6, prefixlen=64, flags=IFA_F_NODAD)
+            ipr.link("set", index=idx, state="up")
+            ipr.route("add", dst=f"{addrs.ipv4}/32", oif=idx)
+            if addrs.ipv6 is not None:
+                ipr.route("add", dst=f"{addrs.ipv6}/128", oif=idx, family=10)
+        with _ipr(netns_path) as jpr:
+            lo = jpr.link_lookup(ifname="lo")[0]
+            jpr.link("set", index=lo, state="up")
+            jidx = jpr.link_lookup(ifname=job_if)[0]
+            jpr.addr("add", index=jidx, address=str(addrs.ipv4), prefixlen=32)
+            if addrs.ipv6 is not None:
+                jpr.addr("add", index=jidx, address=str(addrs.ipv6), prefixlen=128, flags=IFA_F_NODAD)
+            jpr.link("set", index=jidx, state="up")
+            jpr.route("add", dst=f"{gw4}/32", oif=jidx, scope=253)  # RT_SCOPE_LINK
+            jpr.route("add", dst="0.0.0.0/0", gateway=gw4, oif=jidx)
+            if addrs.ipv6 is not None:
+                jpr.route("add", dst="::/0", gateway=GATEWAY_V6, oif=jidx, family=10)
+    except SetupError:
+        raise
+    except Exception as exc:  # pyroute2 raises NetlinkError and plain OSErrors
+        raise SetupError(f"link setup for {host_if}: {exc}") from None
+
+
+def delete_link(name: str) -> bool:
+    """Delete a link (and so its veth peer and routes) from the current namespace."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with _ipr() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return False
+        try:
+            ipr.link("del", index=found[0])
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return False
+            raise SetupError(f"cannot delete link {name}: {exc}") from None
+    return True
+
+
+def list_links() -> list[str]:
+    """Names of all links in the current namespace."""
+    with _ipr() as ipr:
+        return [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
+
+
+def set_sysctl(name: str, value: str) -> None:
+    """Write a sysctl of the current network namespace, e.g. net/ipv4/ip_forward."""
+    path = Path("/proc/sys") / name
+    try:
+        if path.read_text().strip() != value:
+            path.write_text(value)
+    except OSError as exc:
+        raise SetupError(f"sysctl {name}={value}: {exc.strerror}") from None

@@ -1,0 +1,186 @@
+"""The node-local SQLite store (sqlite-utils, WAL): job rows, per-class traffic, address leases."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from .errors import PoolExhaustedError, StoreError
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+
+JOB_COLUMNS: dict[str, Any] = {
+    "job_id": int, "node": str, "restart": int, "user": str, "uid": int, "account": str,
+    "partition": str, "start": str, "end": str, "state": str, "netns": str,
+    "ipv4": str, "ipv6": str, "backend": str,
+}
+TRAFFIC_COLUMNS: dict[str, Any] = {
+    "job_id": int, "node": str, "restart": int, "class": str,
+    "in_bytes": int, "out_bytes": int, "in_packets": int, "out_packets": int,
+}
+
+
+def now_iso() -> str:
+    """The current UTC time as ISO 8601 with seconds, e.g. 2026-11-25T23:59:01Z."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """What the prolog knows about a job on this node."""
+
+    job_id: int
+    node: str
+    restart: int = 0
+    user: str | None = None
+    uid: int | None = None
+    account: str | None = None
+    partition: str | None = None
+
+
+def connect(path: Path, create: bool = True) -> sqlite_utils.Database:
+    """Open (and if needed create) a node database in WAL mode with a long busy timeout."""
+    try:
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        elif not path.exists():
+            raise StoreError(f"database {path} does not exist")
+        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        db = sqlite_utils.Database(conn)
+        if create:
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, 0o600)
+            _ensure_schema(db)
+        return db
+    except sqlite3.Error as exc:
+        raise StoreError(f"database {path}: {exc}") from None
+    except OSError as exc:
+        raise StoreError(f"database {path}: {exc.strerror}") from None
+
+
+def _ensure_schema(db: sqlite_utils.Database) -> None:
+    if db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        return
+    with immediate(db):
+        if db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            return
+        db.conn.execute("PRAGMA journal_mode=WAL")  # no-op inside a transaction if already WAL
+        db["jobs"].create(JOB_COLUMNS, pk=("job_id", "node", "restart"), not_null={"job_id", "node", "restart", "state"}, if_not_exists=True)
+        db["traffic"].create(TRAFFIC_COLUMNS, pk=("job_id", "node", "restart", "class"), if_not_exists=True)
+        db["leases"].create({"idx": int, "job_id": int, "netns": str, "since": str}, pk="idx", if_not_exists=True)
+        db["leases"].create_index(["job_id"], unique=True, if_not_exists=True)
+        db["jobs"].create_index(["start"], if_not_exists=True)
+        db.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    db.conn.execute("PRAGMA journal_mode=WAL")
+
+
+@contextmanager
+def immediate(db: sqlite_utils.Database) -> Iterator[None]:
+    """A write transaction taken up front (BEGIN IMMEDIATE), so concurrent writers queue."""
+    conn = db.conn
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise StoreError(f"database: {exc}") from None
+            time.sleep(0.01)
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    else:
+        conn.execute("COMMIT")
+
+
+def lease(db: sqlite_utils.Database, job_id: int, netns: str, first: int, last: int) -> int:
+    """The job's address index in first..last: its existing lease, or the lowest free one."""
+    with immediate(db):
+        row = db.conn.execute("SELECT idx FROM leases WHERE job_id = ?", (job_id,)).fetchone()
+        if row:
+            return int(row[0])
+        taken = db.conn.execute(
+            "SELECT idx FROM leases WHERE idx BETWEEN ? AND ? ORDER BY idx", (first, last)
+        ).fetchall()
+        idx = first
+        for (t,) in taken:
+            if t != idx:
+                break
+            idx += 1
+        if idx > last:
+            raise PoolExhaustedError(f"address pool exhausted: all {last - first + 1} addresses are leased")
+        db.conn.execute("INSERT INTO leases (idx, job_id, netns, since) VALUES (?, ?, ?, ?)",
+                        (idx, job_id, netns, now_iso()))
+        return idx
+
+
+def release(db: sqlite_utils.Database, job_id: int) -> None:
+    with immediate(db):
+        db.conn.execute("DELETE FROM leases WHERE job_id = ?", (job_id,))
+
+
+def leases(db: sqlite_utils.Database) -> dict[int, int]:
+    """job_id -> address index of every lease on this node."""
+    return {int(j): int(i) for i, j in db.conn.execute("SELECT idx, job_id FROM leases")}
+
+
+def job_row(db: sqlite_utils.Database, info: JobInfo) -> dict[str, Any] | None:
+    cur = db.conn.execute("SELECT * FROM jobs WHERE job_id=? AND node=? AND restart=?",
+                          (info.job_id, info.node, info.restart))
+    row = cur.fetchone()
+    if row is None:
+        return None
+    return dict(zip([c[0] for c in cur.description], row))
+
+
+def record_start(db: sqlite_utils.Database, info: JobInfo, netns: str, ipv4: str,
+                 ipv6: str | None, backend: str) -> None:
+    """Insert the job's row (state running); keep the start time of an existing row."""
+    with immediate(db):
+        existing = job_row(db, info)
+        db["jobs"].upsert({
+            "job_id": info.job_id, "node": info.node, "restart": info.restart,
+            "user": info.user, "uid": info.uid, "account": info.account,
+            "partition": info.partition,
+            "start": existing["start"] if existing and existing.get("start") else now_iso(),
+            "end": None, "state": "running", "netns": netns, "ipv4": ipv4, "ipv6": ipv6,
+            "backend": backend,
+        }, pk=("job_id", "node", "restart"))
+
+
+def record_end(db: sqlite_utils.Database, info: JobInfo, state: str,
+               traffic: Mapping[str, Mapping[str, int]] | None) -> None:
+    """Store the final counters (class -> in/out bytes/packets) and close the job's row."""
+    with immediate(db):
+        existing = job_row(db, info)
+        row: dict[str, Any] = {"job_id": info.job_id, "node": info.node, "restart": info.restart,
+                               "end": now_iso(), "state": state}
+        if existing is None:
+            row.update({"user": info.user, "uid": info.uid, "account": info.account,
+                        "partition": info.partition})
+        else:
+            for key in ("user", "uid", "account", "partition"):
+                if existing.get(key) is None and getattr(info, key) is not None:
+                    row[key] = getattr(info, key)
+        db["jobs"].upsert(row, pk=("job_id", "node", "restart"))
+        if traffic is not None:
+            for klass, values in traffic.items():
+                db["traffic"].upsert({
+                    "job_id": info.job_id, "node": info.node, "restart": info.restart,
+                    "class": klass, **{k: int(values[k]) for k in
+                                       ("in_bytes", "out_bytes", "in_packets", "out_packets")},
+                }, pk=("job_id", "node", "restart", "class"))

@@ -1,0 +1,162 @@
+"""A hermetic test network, entirely in network namespaces made (and removed) by the tests.
+
+    job ns(es) --veth-- node --veth-- router --+-- lan server  10.77.0.10    fd00:77::10
+      (made by the prolog)   10.77.1.2          +-- wan server  198.51.100.10 2001:db8:100::10
+
+Nothing is configured in the machine's root namespace; no packet can leave the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PORT = 5001
+LAN4, LAN6 = "10.77.0.10", "fd00:77::10"
+WAN4, WAN6 = "198.51.100.10", "2001:db8:100::10"
+NODE4, NODE6 = "10.77.1.2", "fd00:77:1::2"
+UPLINK = "up0"
+
+SERVER_COUNTERS = """
+table inet srvcount {
+  counter rx { }
+  counter tx { }
+  chain input { type filter hook input priority -300; policy accept;
+    iif "lo" return
+    icmpv6 type { mld-listener-query, mld-listener-report, mld-listener-done, nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect, mld2-listener-report } return
+    counter name "rx"
+  }
+  chain output { type filter hook output priority -300; policy accept;
+    oif "lo" return
+    icmpv6 type { mld-listener-query, mld-listener-report, mld-listener-done, nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect, mld2-listener-report } return
+    counter name "tx"
+  }
+}
+"""
+
+
+def sh(*argv: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(argv), input=input, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {proc.stderr.strip()}")
+    return proc
+
+
+def in_ns(ns: str, *argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return sh("nsenter", f"--net=/run/netns/{ns}", *argv, **kw)  # type: ignore[arg-type]
+
+
+@dataclass
+class Topology:
+    """The sandbox: names are prefixed with a per-run tag so parallel runs never collide."""
+
+    tag: str
+    servers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def node(self) -> str:
+        return f"{self.tag}node"
+
+    @property
+    def router(self) -> str:
+        return f"{self.tag}rtr"
+
+    @property
+    def lan(self) -> str:
+        return f"{self.tag}lan"
+
+    @property
+    def wan(self) -> str:
+        return f"{self.tag}wan"
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.node, self.router, self.lan, self.wan]
+
+    def _pair(self, ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
+        sh("ip", "-n", ns_a, "link", "add", if_a, "type", "veth", "peer", "name", if_b, "netns", ns_b)
+        sh("ip", "-n", ns_a, "link", "set", if_a, "up")
+        sh("ip", "-n", ns_b, "link", "set", if_b, "up")
+
+    def _addr(self, ns: str, dev: str, *addrs: str) -> None:
+        for a in addrs:
+            extra = ["nodad"] if ":" in a else []
+            sh("ip", "-n", ns, "addr", "add", a, "dev", dev, *extra)
+
+    def up(self) -> "Topology":
+        try:
+            for ns in self.namespaces:
+                sh("ip", "netns", "add", ns)
+                sh("ip", "-n", ns, "link", "set", "lo", "up")
+            self._pair(self.node, UPLINK, self.router, "n0")
+            self._pair(self.router, "l0", self.lan, "eth0")
+            self._pair(self.router, "w0", self.wan, "eth0")
+            self._addr(self.node, UPLINK, f"{NODE4}/24", f"{NODE6}/64")
+            self._addr(self.router, "n0", "10.77.1.1/24", "fd00:77:1::1/64")
+            self._addr(self.router, "l0", "10.77.0.1/24", "fd00:77::1/64")
+            self._addr(self.router, "w0", "198.51.100.1/24", "2001:db8:100::1/64")
+            self._addr(self.lan, "eth0", f"{LAN4}/24", f"{LAN6}/64")
+            self._addr(self.wan, "eth0", f"{WAN4}/24", f"{WAN6}/64")
+            sh("ip", "-n", self.node, "route", "add", "default", "via", "10.77.1.1")
+            sh("ip", "-n", self.node, "-6", "route", "add", "default", "via", "fd00:77:1::1")
+            for ns, gw4, gw6 in ((self.lan, "10.77.0.1", "fd00:77::1"),
+                                 (self.wan, "198.51.100.1", "2001:db8:100::1")):
+                sh("ip", "-n", ns, "route", "add", "default", "via", gw4)
+                sh("ip", "-n", ns, "-6", "route", "add", "default", "via", gw6)
+                in_ns(ns, "nft", "-f", "-", input=SERVER_COUNTERS)
+            in_ns(self.router, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+            for ns in (self.lan, self.wan):
+                p = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", sys.executable,
+                                      str(HERE / "traffic.py"), "serve", str(PORT)],
+                                     stdout=subprocess.PIPE)
+                self.servers[ns] = p
+                assert p.stdout is not None
+                if p.stdout.readline().strip() != b"ready":
+                    raise RuntimeError(f"traffic server in {ns} did not start")
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def down(self) -> None:
+        for p in self.servers.values():
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=10)
+        self.servers.clear()
+        for ns in self.namespaces:
+            if os.path.exists(f"/run/netns/{ns}"):
+                sh("ip", "netns", "del", ns, check=False)
+
+    def server_counts(self, which: str, reset: bool = True) -> dict[str, tuple[int, int]]:
+        """{'rx': (packets, bytes), 'tx': ...} at the lan or wan server's IP layer."""
+        ns = self.lan if which == "lan" else self.wan
+        verb = "reset" if reset else "list"
+        out = in_ns(ns, "nft", "-j", verb, "counters", "table", "inet", "srvcount").stdout
+        res: dict[str, tuple[int, int]] = {}
+        for item in json.loads(out)["nftables"]:
+            c = item.get("counter")
+            if c:
+                res[c["name"]] = (int(c["packets"]), int(c["bytes"]))
+        return res
+
+    def reset_servers(self) -> None:
+        self.server_counts("lan", reset=True)
+        self.server_counts("wan", reset=True)
+
+    def wait_quiet(self, settle: float = 0.15, timeout: float = 10) -> None:
+        """Wait until neither server's counters move any more (last ACKs have landed)."""
+        last = None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = (self.server_counts("lan", reset=False), self.server_counts("wan", reset=False))
+            if now == last:
+                return
+            last = now
+            time.sleep(settle)
