@@ -206,113 +206,121 @@ def _ipt_chain(klass: str, direction: str) -> str:
     return naming.ipt_chain(f"{klass}_{direction}")
 
 
-def _ipt_install(cfg: Config) -> None:
-    """Runs inside the job namespace: build the chains with python-iptables (legacy)."""
+def _iptc_family(version: int) -> tuple[type, type]:
     import iptc
 
-    for version, table_cls, rule_cls in ((4, iptc.Table, iptc.Rule), (6, iptc.Table6, iptc.Rule6)):
-        table = table_cls(table_cls.FILTER)
-        table.autocommit = False
-        for d, builtin in (("out", "OUTPUT"), ("in", "INPUT")):
-            main = table.create_chain(naming.ipt_chain(d))
+    return (iptc.Table, iptc.Rule) if version == 4 else (iptc.Table6, iptc.Rule6)
+
+
+# python-iptables initialises libxtables for one family per process (extensions of the other
+# family are then "not found"), so each function below handles one family and runs in a
+# process of its own (run_in_netns forks).
+
+def _ipt_install(cfg: Config, version: int) -> None:
+    """Runs inside the job namespace: build one family's chains with python-iptables (legacy)."""
+    import iptc
+
+    table_cls, rule_cls = _iptc_family(version)
+    table = table_cls(table_cls.FILTER)
+    table.autocommit = False
+    for d, builtin in (("out", "OUTPUT"), ("in", "INPUT")):
+        main = table.create_chain(naming.ipt_chain(d))
+        r = rule_cls()
+        if d == "out":
+            r.out_interface = "lo"
+        else:
+            r.in_interface = "lo"
+        r.create_target("RETURN")
+        main.append_rule(r)
+        if version == 6:
+            for icmp_type in ICMPV6_LINK_TYPES:
+                r = rule_cls()
+                r.protocol = "58"  # ipv6-icmp (numeric: no /etc/protocols needed)
+                m = r.create_match("icmp6")
+                m.icmpv6_type = str(icmp_type)
+                r.create_target("RETURN")
+                main.append_rule(r)
+        for klass in cfg.class_names:
+            cchain = table.create_chain(_ipt_chain(klass, d))
+            r = rule_cls()
+            r.create_target("RETURN")
+            cchain.append_rule(r)
+        for klass, prefix in cfg.class_prefixes():
+            if prefix.version != version:
+                continue
             r = rule_cls()
             if d == "out":
-                r.out_interface = "lo"
+                r.dst = str(prefix)
             else:
-                r.in_interface = "lo"
-            r.create_target("RETURN")
+                r.src = str(prefix)
+            r.create_target(_ipt_chain(klass, d), goto=True)
             main.append_rule(r)
-            if version == 6:
-                for icmp_type in ICMPV6_LINK_TYPES:
-                    r = rule_cls()
-                    r.protocol = "ipv6-icmp"
-                    m = r.create_match("icmp6")
-                    m.icmpv6_type = str(icmp_type)
-                    r.create_target("RETURN")
-                    main.append_rule(r)
-            for klass in cfg.class_names:
-                cchain = table.create_chain(_ipt_chain(klass, d))
-                r = rule_cls()
-                r.create_target("RETURN")
-                cchain.append_rule(r)
-            for klass, prefix in cfg.class_prefixes():
-                if prefix.version != version:
-                    continue
-                r = rule_cls()
-                if d == "out":
-                    r.dst = str(prefix)
-                else:
-                    r.src = str(prefix)
-                r.create_target(_ipt_chain(klass, d), goto=True)
-                main.append_rule(r)
-            r = rule_cls()
-            r.create_target(_ipt_chain(cfg.default_class, d), goto=True)
-            main.append_rule(r)
-            r = rule_cls()
-            r.create_target(naming.ipt_chain(d))
-            iptc.Chain(table, builtin).insert_rule(r)
-        table.commit()
+        r = rule_cls()
+        r.create_target(_ipt_chain(cfg.default_class, d), goto=True)
+        main.append_rule(r)
+        r = rule_cls()
+        r.create_target(naming.ipt_chain(d))
+        iptc.Chain(table, builtin).insert_rule(r)
+    table.commit()
 
 
-def _ipt_read(cfg: Config) -> dict[tuple[str, str], tuple[int, int]]:
-    """Runs inside the job namespace: the counting rule of each class chain, v4 + v6."""
+def _ipt_read(cfg: Config, version: int) -> dict[tuple[str, str], tuple[int, int]]:
+    """Runs inside the job namespace: the counting rule of each class chain of one family."""
     import iptc
 
     result: dict[tuple[str, str], tuple[int, int]] = {}
-    for table_cls in (iptc.Table, iptc.Table6):
-        table = table_cls(table_cls.FILTER)
-        table.refresh()
-        for klass in cfg.class_names:
-            for d in DIRECTIONS:
-                name = _ipt_chain(klass, d)
-                if not table.is_chain(name):
-                    raise SetupError(f"iptables chain {name} is missing")
-                chain = iptc.Chain(table, name)
-                rules_ = chain.rules
-                if len(rules_) != 1:
-                    raise SetupError(f"iptables chain {name} has {len(rules_)} rules, expected 1")
-                pkts, byts = rules_[0].get_counters()
-                old = result.get((klass, d), (0, 0))
-                result[(klass, d)] = (old[0] + pkts, old[1] + byts)
+    table_cls, _ = _iptc_family(version)
+    table = table_cls(table_cls.FILTER)
+    table.refresh()
+    for klass in cfg.class_names:
+        for d in DIRECTIONS:
+            name = _ipt_chain(klass, d)
+            if not table.is_chain(name):
+                raise SetupError(f"iptables chain {name} is missing")
+            chain = iptc.Chain(table, name)
+            rules_ = chain.rules
+            if len(rules_) != 1:
+                raise SetupError(f"iptables chain {name} has {len(rules_)} rules, expected 1")
+            pkts, byts = rules_[0].get_counters()
+            old = result.get((klass, d), (0, 0))
+            result[(klass, d)] = (old[0] + pkts, old[1] + byts)
     return result
 
 
-def _ipt_node(cfg: Config, uplink: str | None) -> bool:
-    """Runs in the node namespace: (re)build or remove the NETACCT_NAT chains (v4 and v6)."""
+def _ipt_node(cfg: Config, uplink: str | None, version: int) -> bool:
+    """Runs in the node namespace: (re)build, or with uplink None remove, NETACCT_NAT."""
     import iptc
 
     changed = False
     chain_name = naming.ipt_chain("nat")
-    tables: list[tuple[type, type, IPNetwork | None]] = [(iptc.Table, iptc.Rule, cfg.pool_ipv4)]
-    if cfg.pool_ipv6 is not None or uplink is None:
-        tables.append((iptc.Table6, iptc.Rule6, cfg.pool_ipv6))
+    table_cls, rule_cls = _iptc_family(version)
+    pool: IPNetwork | None = cfg.pool_ipv4 if version == 4 else cfg.pool_ipv6
     with _xtables_lock():
-        for table_cls, rule_cls, pool in tables:
-            table = table_cls(table_cls.NAT)
-            table.autocommit = False
-            table.refresh()
-            post = iptc.Chain(table, "POSTROUTING")
-            for r in list(post.rules):
-                if r.target.name == chain_name:
-                    post.delete_rule(r)
-                    changed = True
-            if table.is_chain(chain_name):
-                chain = iptc.Chain(table, chain_name)
-                chain.flush()
-                chain.delete()
+        table = table_cls(table_cls.NAT)
+        table.autocommit = False
+        table.refresh()
+        post = iptc.Chain(table, "POSTROUTING")
+        for r in list(post.rules):
+            if r.target.name == chain_name:
+                post.delete_rule(r)
                 changed = True
-            if uplink is not None and pool is not None:
-                chain = table.create_chain(chain_name)
-                r = rule_cls()
-                r.src = str(pool)
-                r.out_interface = uplink
-                r.create_target("MASQUERADE")
-                chain.append_rule(r)
-                r = rule_cls()
-                r.create_target(chain_name)
-                post.insert_rule(r)
-            table.commit()
-            table.refresh()
+        if table.is_chain(chain_name):
+            chain = iptc.Chain(table, chain_name)
+            chain.flush()
+            chain.delete()
+            changed = True
+        if uplink is not None and pool is not None:
+            chain = table.create_chain(chain_name)
+            r = rule_cls()
+            r.src = str(pool)
+            r.out_interface = uplink
+            r.create_target("MASQUERADE")
+            chain.append_rule(r)
+            r = rule_cls()
+            r.create_target(chain_name)
+            post.insert_rule(r)
+        table.commit()
+        table.refresh()
     return changed
 
 
@@ -323,7 +331,8 @@ class Iptables:
 
     def install(self, cfg: Config, ns_path: Path) -> None:
         try:
-            run_in_netns(ns_path, _ipt_install, cfg)
+            for version in (4, 6):
+                run_in_netns(ns_path, _ipt_install, cfg, version)
         except SetupError:
             raise
         except Exception as exc:  # iptc.IPTCError and friends
@@ -331,22 +340,24 @@ class Iptables:
 
     def read(self, cfg: Config, ns_path: Path) -> Counters:
         try:
-            raw = run_in_netns(ns_path, _ipt_read, cfg)
+            raw = [run_in_netns(ns_path, _ipt_read, cfg, version) for version in (4, 6)]
         except SetupError:
             raise
         except Exception as exc:
             raise SetupError(f"iptables: {exc}") from None
-        return {k: Count(p, b) for k, (p, b) in raw.items()}
+        return {k: Count(raw[0][k][0] + raw[1][k][0], raw[0][k][1] + raw[1][k][1]) for k in raw[0]}
 
     def install_node(self, cfg: Config, uplink: str) -> None:
         try:
-            _ipt_node(cfg, uplink)
+            run_in_netns(None, _ipt_node, cfg, uplink, 4)
+            if cfg.pool_ipv6 is not None:
+                run_in_netns(None, _ipt_node, cfg, uplink, 6)
         except Exception as exc:
             raise SetupError(f"iptables NAT: {exc}") from None
 
     def remove_node(self, cfg: Config) -> bool:
         try:
-            return _ipt_node(cfg, None)
+            return any([run_in_netns(None, _ipt_node, cfg, None, v) for v in (4, 6)])
         except Exception as exc:
             raise SetupError(f"iptables NAT: {exc}") from None
 

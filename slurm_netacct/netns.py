@@ -61,17 +61,20 @@ def setns(path: Path) -> None:
         os.close(fd)
 
 
-def run_in_netns(path: Path, func: Callable[..., T], *args: Any) -> T:
+def run_in_netns(path: Path | None, func: Callable[..., T], *args: Any) -> T:
     """Run func(*args) in a forked child that has joined the namespace; return its result.
 
-    The parent stays where it is. Exceptions raised by func are re-raised in the parent.
+    path None runs it in a child in the current namespace (for libraries that keep global
+    state per process, such as python-iptables). The parent stays where it is. Exceptions
+    raised by func are re-raised in the parent.
     """
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
         os.close(rfd)
         try:
-            setns(path)
+            if path is not None:
+                setns(path)
             payload: tuple[bool, Any] = (True, func(*args))
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
             try:

@@ -130,12 +130,14 @@ def make_workdir(tag: str = "cluster", parent: Path | str = "/tmp") -> Path:
 
 
 def _check_traversable(path: Path) -> None:
-    """Raise HarnessError unless every directory from / down to ``path`` is o+x."""
+    """Raise HarnessError unless every existing directory from / down to ``path`` is o+x."""
     for p in [path, *path.parents]:
+        if not p.exists():
+            continue
         mode = p.stat().st_mode
         if not mode & stat.S_IXOTH:
             raise HarnessError(
-                f"{p} is mode {stat.S_IMODE(mode):o}: munged and job users cannot reach {path}; "
+                f"{p} is mode {stat.S_IMODE(mode):o}: munged and job users cannot reach anything under {path}; "
                 "use slurmharness.make_workdir() (a 0755 directory under /tmp)"
             )
 
@@ -158,6 +160,7 @@ def _pids_in_uts_namespaces(namespaces: set[str]) -> list[int]:
 
 
 def _is_zombie(pid: int) -> bool:
+    """True if the process is a zombie or already gone (nothing left to kill)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
@@ -181,8 +184,8 @@ class SlurmCluster:
     """A real SLURM cluster on this machine: munged, slurmctld and one slurmd per ``NodeSpec``.
 
     ``workdir`` receives everything: ``slurm.conf``, ``plugstack.conf``, ``munge/`` (socket,
-    pid, seed, log), ``state/`` (StateSaveLocation and each node's spool), ``log/`` (daemon
-    logs), ``jobcomp.txt`` (jobcomp/filetxt) and ``jobs/<user>/`` (default job directories).
+    pid and seed files), ``state/`` (StateSaveLocation and each node's spool), ``log/`` (daemon
+    logs, including munged's), ``jobcomp.txt`` (jobcomp/filetxt) and ``jobs/<user>/`` (default job directories).
     It must be reachable by other users (see ``make_workdir``).
 
     ``prolog``/``epilog`` are absolute paths of executables run by slurmd as root. slurmd starts
@@ -437,7 +440,7 @@ class SlurmCluster:
                 self._uts.add(ns_id)
                 return
             if proc.poll() is not None:
-                break
+                raise HarnessError(f"{key} exited with {proc.returncode} at start\n{self.dump_logs()}")
             time.sleep(0.01)
         raise HarnessError(f"{key} did not start in its own UTS namespace\n{self.dump_logs()}")
 
@@ -585,6 +588,18 @@ class SlurmCluster:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+    def processes(self) -> dict[int, str]:
+        """Every live process of the cluster's daemons' UTS namespaces (daemons, slurmstepd,
+        hooks, job tasks) as {pid: command name}; munged is not among them."""
+        out = {}
+        for pid in _pids_in_uts_namespaces(self._uts):
+            if not _is_zombie(pid):
+                try:
+                    out[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
+                except OSError:
+                    pass
+        return out
 
     @property
     def pids(self) -> dict[str, int]:

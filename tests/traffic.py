@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 import threading
+import time
 
 CHUNK = 65536
 
@@ -62,8 +63,10 @@ def serve(port: int) -> None:
             text = data[:64].decode(errors="replace")
             if text.startswith("DOWN "):  # DOWN count size: send count datagrams of size bytes
                 _, count, size = text.split()[:3]
-                for _ in range(int(count)):
+                for i in range(int(count)):
                     udp.sendto(b"u" * int(size), addr)
+                    if i % 32 == 31:
+                        time.sleep(0.002)  # pace: a veth backlog overflow would lose datagrams
 
     threading.Thread(target=udp_loop, daemon=True).start()
     print("ready", flush=True)
@@ -118,8 +121,10 @@ def tcp_down(host: str, port: int, n: int) -> int:
 def udp_up(host: str, port: int, count: int, size: int) -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as s:
-        for _ in range(count):
+        for i in range(count):
             s.sendto(b"v" * size, (host, port))
+            if i % 32 == 31:
+                time.sleep(0.002)
     return count
 
 
@@ -150,7 +155,6 @@ def main(argv: list[str]) -> None:
         if os.fork() == 0:
             os.setsid()
             if os.fork() == 0:
-                import time
                 time.sleep(0.3)  # the parent is long gone by now
                 tcp_up(argv[1], int(argv[2]), int(argv[3]))
                 open(argv[4], "w").write("done\n")

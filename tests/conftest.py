@@ -1,0 +1,159 @@
+"""Shared fixtures: the sandbox topology and a configured 'node' inside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from slurm_netacct import accounting, config, naming
+from topology import UPLINK, Topology, in_ns
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+TAG = f"nt{os.getpid() % 100000}-"
+JOB_PREFIX = f"{TAG}j-"
+POOL6 = "fd00:6e61:6363::/64"
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (network namespaces); run the suite as root", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def topo() -> Iterator[Topology]:
+    need_root()
+    t = Topology(TAG).up()
+    try:
+        yield t
+        leftovers = project_leftovers(t)
+        assert leftovers == [], f"the suite left objects behind: {leftovers}"
+    finally:
+        t.down()
+    assert not [n for n in os.listdir("/run/netns") if n.startswith(TAG)]
+
+
+def project_leftovers(t: Topology) -> list[str]:
+    """Every namespace, link, route or nft table of the project still present."""
+    found = [f"netns {n}" for n in os.listdir("/run/netns") if n.startswith(JOB_PREFIX)]
+    links = in_ns(t.node, "ip", "-o", "link").stdout
+    found += [f"link {m}" for m in re.findall(r"^\d+: (na\d+)[@:]", links, re.M)]
+    for fam in ("-4", "-6"):
+        routes = in_ns(t.node, "ip", fam, "route").stdout
+        found += [f"route {r}" for r in routes.splitlines() if "100.64." in r or "fd00:6e61" in r]
+    tables = in_ns(t.node, "nft", "list", "tables").stdout
+    found += [f"nft {line}" for line in tables.splitlines() if "netacct" in line and "netacct_node" not in line]
+    return found
+
+
+class Node:
+    """The sandbox node with a config of its own; runs the real prolog/epilog executables."""
+
+    def __init__(self, topo: Topology, tmp: Path, backend: str, **overrides: Any) -> None:
+        self.topo = topo
+        self.tmp = tmp
+        self.backend = backend
+        self.db = tmp / "netacct.db"
+        self.log = tmp / "netacct.log"
+        self.config_path = tmp / "netacct.toml"
+        self.started: set[int] = set()
+        body = {
+            "uplink": UPLINK, "netns_prefix": JOB_PREFIX, "db": str(self.db),
+            "log_file": str(self.log), "firewall": backend,
+        }
+        body.update({k: v for k, v in overrides.items() if k != "pool"})
+        lines = [f"{k} = {json.dumps(v)}" for k, v in body.items()]
+        pool = overrides.get("pool", {"ipv6": POOL6})
+        lines.append("[pool]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in pool.items()]
+        self.config_path.write_text("\n".join(lines) + "\n")
+        self.cfg = config.load(self.config_path)
+
+    def env(self, job_id: int | str, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+        env.pop("PATH", None)  # as SLURM runs prologs: no PATH at all
+        env.update(NETACCT_CONFIG=str(self.config_path), SLURM_JOB_ID=str(job_id),
+                   SLURM_JOB_USER="alice", SLURM_JOB_UID="1234", SLURMD_NODENAME="n1",
+                   SLURM_JOB_ACCOUNT="physics", SLURM_JOB_PARTITION="batch")
+        env.update(extra)
+        return env
+
+    def hook(self, which: str, job_id: int | str, **extra: str) -> subprocess.CompletedProcess[str]:
+        if which == "prolog":
+            try:
+                self.started.add(int(job_id))
+            except ValueError:
+                pass
+        return subprocess.run(["nsenter", f"--net=/run/netns/{self.topo.node}", str(ROOT / which)],
+                              env=self.env(job_id, **extra), capture_output=True, text=True,
+                              timeout=60, cwd="/")
+
+    def prolog(self, job_id: int, **extra: str) -> None:
+        r = self.hook("prolog", job_id, **extra)
+        assert r.returncode == 0, f"prolog failed ({r.returncode}): {r.stderr}"
+
+    def epilog(self, job_id: int, **extra: str) -> None:
+        r = self.hook("epilog", job_id, **extra)
+        assert r.returncode == 0, f"epilog failed ({r.returncode}): {r.stderr}"
+
+    def netns_path(self, job_id: int) -> Path:
+        return self.cfg.netns_dir / naming.netns_name(self.cfg.netns_prefix, job_id)
+
+    def run_in_job(self, job_id: int, *argv: str, user: str | None = None,
+                   check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        cmd = [str(VENV_BIN / "netacct-exec"), "--job", str(job_id)]
+        if user:
+            cmd += ["--user", user]
+        r = subprocess.run(cmd + ["--", *argv], capture_output=True, text=True, timeout=timeout,
+                           env=dict(os.environ, NETACCT_CONFIG=str(self.config_path)))
+        if check:
+            assert r.returncode == 0, f"{argv} in job {job_id} failed: {r.stderr}"
+        return r
+
+    def traffic(self, job_id: int, *args: str) -> str:
+        return self.run_in_job(job_id, sys.executable, str(ROOT / "tests" / "traffic.py"), *args).stdout
+
+    def live(self, job_id: int) -> accounting.Counters:
+        be = accounting.Iptables() if self.backend == "iptables" else accounting.Nftables()
+        return be.read(self.cfg, self.netns_path(job_id))
+
+    def report(self, *args: str) -> Any:
+        r = subprocess.run([str(VENV_BIN / "netacct-report"), "--json", "--db", str(self.db), *args],
+                           capture_output=True, text=True, env=dict(os.environ, NETACCT_CONFIG=str(self.config_path)))
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def cleanup(self) -> None:
+        for job in sorted(self.started):
+            self.hook("epilog", job)
+
+
+@pytest.fixture(params=["nftables", "iptables"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def node(topo: Topology, tmp_path: Path, backend: str) -> Iterator[Node]:
+    n = Node(topo, tmp_path, backend)
+    topo.reset_servers()
+    yield n
+    n.cleanup()
+    assert project_leftovers(topo) == []
+
+
+@pytest.fixture
+def nft_node(topo: Topology, tmp_path: Path) -> Iterator[Node]:
+    n = Node(topo, tmp_path, "nftables")
+    topo.reset_servers()
+    yield n
+    n.cleanup()
+    assert project_leftovers(topo) == []
