@@ -40,6 +40,13 @@ def job_info(env: Mapping[str, str]) -> store.JobInfo:
     )
 
 
+def _show(value: str | None) -> str:
+    """The job id as it may appear in a log line: digits as they are, anything else quoted."""
+    if value is None:
+        return "?"
+    return value if value.isdigit() and len(value) <= 20 else repr(value)[:40]
+
+
 def _run(which: str, env: Mapping[str, str]) -> int:
     os.environ.setdefault("PATH", SAFE_PATH)  # SLURM runs prologs with no PATH at all
     os.umask(0o077)
@@ -55,17 +62,17 @@ def _run(which: str, env: Mapping[str, str]) -> int:
             lifecycle.teardown_job(cfg, info)
         return 0
     except NetacctError as exc:
-        jid = env.get("SLURM_JOB_ID", "?")
-        msg = f"{ident}: job {jid[:40]}: {exc}"
+        jid = _show(env.get("SLURM_JOB_ID"))
+        msg = f"{ident}: job {jid}: {exc}"
         if log is not None:
-            log.error("job %s: %s failed (exit %d): %s", jid[:40], which, exc.exit_code, exc)
+            log.error("job %s: %s failed (exit %d): %s", jid, which, exc.exit_code, exc)
         print(msg, file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # a bug: still one line, and a distinct exit code
-        jid = env.get("SLURM_JOB_ID", "?")
+        jid = _show(env.get("SLURM_JOB_ID"))
         if log is not None:
-            log.exception("job %s: %s crashed", jid[:40], which)
-        print(f"{ident}: job {jid[:40]}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            log.exception("job %s: %s crashed", jid, which)
+        print(f"{ident}: job {jid}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 
 

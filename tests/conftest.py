@@ -86,13 +86,16 @@ class Node:
         env.update(extra)
         return env
 
-    def hook(self, which: str, job_id: int | str, **extra: str) -> subprocess.CompletedProcess[str]:
+    def hook(self, which: str, job_id: int | str, direct: bool = False,
+             **extra: str) -> subprocess.CompletedProcess[str]:
+        """Run the real prolog/epilog executable (direct: the Python module, keeping PATH)."""
+        argv = [sys.executable, "-m", "slurm_netacct.hooks", which] if direct else [str(ROOT / which)]
         if which == "prolog":
             try:
                 self.started.add(int(job_id))
             except ValueError:
                 pass
-        return subprocess.run(["nsenter", f"--net=/run/netns/{self.topo.node}", str(ROOT / which)],
+        return subprocess.run(["nsenter", f"--net=/run/netns/{self.topo.node}", *argv],
                               env=self.env(job_id, **extra), capture_output=True, text=True,
                               timeout=60, cwd="/")
 

@@ -194,6 +194,9 @@ class SlurmCluster:
     real script, so hooks see e.g. NETACCT_CONFIG. Daemons (and so slurmstepd and SPANK plugins)
     get ``extra_env`` directly.
 
+    ``start()`` after ``stop()`` restarts on the same state (jobs and node states are recovered
+    from StateSaveLocation); use a fresh work directory for a fresh cluster.
+
     ``slurm_conf_extra`` is extra slurm.conf text: a ``Key=value`` line whose key the harness
     already sets replaces the harness's value; any other line (NodeName=, PartitionName=, ...)
     is appended.

@@ -1,0 +1,189 @@
+"""Prolog and epilog behaviour: idempotence, rollback, bad input, privileges, the store."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import JOB_PREFIX, Node, project_leftovers
+from topology import in_ns
+
+
+def _rows(db: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def _addr(node: Node, job: int) -> str:
+    return node.run_in_job(job, "ip", "-o", "-4", "addr", "show", "dev", "eth0").stdout.split()[3]
+
+
+def test_prolog_is_idempotent_and_keeps_counters(node: Node) -> None:
+    job = 3001
+    node.prolog(job)
+    first = _addr(node, job)
+    node.run_in_job(job, "bash", "-c", "printf '%100s' x > /dev/udp/198.51.100.10/5001")
+    before = node.live(job)
+    node.prolog(job)  # SLURM may run it again (e.g. a retried launch): nothing changes
+    assert _addr(node, job) == first
+    assert node.live(job) == before
+    assert before[("wan", "out")].packets == 1
+    assert "already set up" in node.log.read_text()
+    node.epilog(job)
+    node.epilog(job)  # and the epilog twice: the second finds nothing and succeeds
+    assert _rows(node.db, "SELECT state FROM jobs WHERE job_id=3001") == [("completed",)]
+    assert _rows(node.db, "SELECT class, out_packets FROM traffic WHERE job_id=3001 ORDER BY class") == [
+        ("lan", 0), ("wan", 1)]
+    assert _rows(node.db, "SELECT * FROM leases") == []
+
+
+def test_epilog_without_prolog_succeeds(node: Node) -> None:
+    r = node.hook("epilog", 3002)
+    assert r.returncode == 0, r.stderr
+    assert "nothing to tear down" in node.log.read_text()
+
+
+def test_concurrent_jobs_get_distinct_addresses(node: Node) -> None:
+    jobs = [3010 + i for i in range(6)]
+    procs = [subprocess.Popen(["nsenter", f"--net=/run/netns/{node.topo.node}", str(Path(__file__).parents[1] / "prolog")],
+                              env=node.env(j), stderr=subprocess.PIPE, text=True) for j in jobs]
+    node.started.update(jobs)
+    for p in procs:
+        assert p.wait(timeout=60) == 0, p.stderr.read() if p.stderr else ""
+    addrs = {_addr(node, j) for j in jobs}
+    assert len(addrs) == len(jobs)
+    for j in jobs:
+        node.epilog(j)
+    assert len(_rows(node.db, "SELECT * FROM jobs WHERE state='completed'")) == len(jobs)
+
+
+def test_a_failure_midway_rolls_back_everything(node: Node, tmp_path: Path) -> None:
+    # Make the accounting step fail after the namespace and link exist: a broken nft/iptables.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for tool in ("nft",):
+        (fake / tool).write_text("#!/bin/sh\necho 'simulated failure' >&2\nexit 1\n")
+        (fake / tool).chmod(0o755)
+    if node.backend == "iptables":
+        # python-iptables needs no binary; break it by pointing it at an empty extension dir.
+        env = {"XTABLES_LIBDIR": str(fake)}
+    else:
+        env = {"PATH": f"{fake}:/usr/sbin:/usr/bin:/sbin:/bin"}
+    r = node.hook("prolog", 3020, direct=True, **env)  # direct: the wrapper pins PATH
+    assert r.returncode == 7, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "rolling back" in node.log.read_text()
+    assert not os.path.lexists(node.netns_path(3020))
+    assert project_leftovers(node.topo) == []
+    assert _rows(node.db, "SELECT * FROM leases") == []
+    assert _rows(node.db, "SELECT * FROM jobs") == []
+    node.prolog(3020)  # and the node is fine for the next attempt
+    node.epilog(3020)
+
+
+@pytest.mark.parametrize("job_id", ["", "abc", "../x", "12/../../etc", "0", "007", "-1", "4294967296",
+                                    "99999999999999999999999", " 42", "42\n"])
+def test_bad_job_ids_are_refused_and_nothing_is_made(nft_node: Node, job_id: str) -> None:
+    for which in ("prolog", "epilog"):
+        r = nft_node.hook(which, job_id)
+        assert r.returncode == 4, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "SLURM_JOB_ID" in lines[0]
+    assert not nft_node.db.exists()
+    assert project_leftovers(nft_node.topo) == []
+
+
+def test_missing_job_id_is_refused(nft_node: Node) -> None:
+    env = nft_node.env(1)
+    del env["SLURM_JOB_ID"]
+    r = subprocess.run(["nsenter", f"--net=/run/netns/{nft_node.topo.node}", str(Path(__file__).parents[1] / "prolog")],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 4 and "job id is missing" in r.stderr
+
+
+def test_missing_uplink_is_a_clear_error(topo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    node = Node(topo, tmp_path, "nftables", uplink="nosuch0")
+    r = node.hook("prolog", 3030)
+    assert r.returncode == 7
+    assert r.stderr.strip() == "netacct-prolog: job 3030: uplink interface 'nosuch0' does not exist"
+    assert project_leftovers(topo) == []
+
+
+@pytest.mark.parametrize("body, key", [
+    ("bogus = 1\n", "bogus"),
+    ("firewall = 'pf'\n", "firewall"),
+    ("[pool]\nipv4 = '100.64.0.0/33'\n", "pool.ipv4"),
+    ("[pool]\nipv4 = '100.64.0.0/31'\n", "pool.ipv4"),
+    ("[classes]\nlan = ['10.0.0.0/8']\n[pool]\nipv4 = '10.1.0.0/16'\nclass = 'wan'\n", "pool.ipv4"),
+    ("netns_prefix = '../x'\n", "netns_prefix"),
+    ("this is not toml", None),
+])
+def test_config_errors_exit_3_and_create_nothing(topo, tmp_path: Path, body: str, key: str | None) -> None:  # type: ignore[no-untyped-def]
+    node = Node(topo, tmp_path, "nftables")
+    node.config_path.write_text(body)
+    for which in ("prolog", "epilog"):
+        r = node.hook(which, 3040)
+        assert r.returncode == 3, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1
+        if key:
+            assert f"config key '{key}'" in lines[0]
+    assert not os.path.lexists(node.netns_path(3040))
+    assert project_leftovers(topo) == []
+
+
+def test_exec_runs_as_the_user_inside_the_namespace(nft_node: Node) -> None:
+    job = 3050
+    nft_node.prolog(job)
+    r = nft_node.run_in_job(job, "sh", "-c", "id -u; id -g; cat /proc/self/status | grep CapEff; ip -o -4 addr show dev eth0",
+                            user="nobody")
+    uid, gid, caps, addr = r.stdout.strip().splitlines()
+    assert (uid, gid) == ("65534", "65534")
+    assert caps.split()[1] == "0000000000000000"
+    assert "100.64." in addr
+    # The job's user cannot touch the counters: no CAP_NET_ADMIN in the job's namespace.
+    r = nft_node.run_in_job(job, "nft", "flush", "ruleset", user="nobody", check=False)
+    assert r.returncode != 0 and "Operation not permitted" in r.stderr
+    nft_node.epilog(job)
+
+
+def test_exec_errors(nft_node: Node) -> None:
+    exe = str(Path(sys.executable).parent / "netacct-exec")
+    env = dict(os.environ, NETACCT_CONFIG=str(nft_node.config_path))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([exe, *args], capture_output=True, text=True, env=env)
+
+    r = run("--job", "3060", "--", "true")
+    assert r.returncode == 5 and r.stderr.startswith("netacct-exec: job 3060 has no network namespace")
+    r = run("--job", "../x", "--", "true")
+    assert r.returncode == 4
+    r = run("--job", "3060")
+    assert r.returncode == 2
+    nft_node.prolog(3060)
+    assert run("--job", "3060", "--user", "no-such-user-x", "--", "true").returncode == 2
+    r = run("--job", "3060", "--", "/no/such/cmd")
+    assert r.returncode == 127 and "command not found" in r.stderr
+    nft_node.epilog(3060)
+
+
+def test_database_is_private_and_in_wal_mode(nft_node: Node) -> None:
+    nft_node.prolog(3070)
+    nft_node.epilog(3070)
+    assert stat.S_IMODE(nft_node.db.stat().st_mode) == 0o600
+    assert _rows(nft_node.db, "PRAGMA journal_mode") == [("wal",)]
+    rows = _rows(nft_node.db, "SELECT job_id, node, user, uid, account, partition, state FROM jobs")
+    assert rows == [(3070, "n1", "alice", 1234, "physics", "batch", "completed")]
+
+
+def test_job_namespace_names_follow_the_prefix(nft_node: Node) -> None:
+    nft_node.prolog(3080)
+    assert os.path.exists(f"/run/netns/{JOB_PREFIX}3080")
+    assert "na3080" in in_ns(nft_node.topo.node, "ip", "-o", "link").stdout
+    nft_node.epilog(3080)
