@@ -47,7 +47,7 @@ class Config:
     log_file: Path | None = None
     pool_ipv4: ipaddress.IPv4Network = ipaddress.IPv4Network("100.64.0.0/16")
     pool_ipv6: ipaddress.IPv6Network | None = None
-    pool_class: str = "lan"
+    pool_class: str = "lan"  # parse(): "lan" if defined, else the first class listed
     # Ordered: first match wins. Each class -> its prefixes (the pool is added to pool_class).
     classes: dict[str, tuple[IPNetwork, ...]] = field(default_factory=dict)
 
@@ -69,8 +69,12 @@ class Config:
         return pairs
 
 
+def _one_line(text: str) -> str:
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def _err(key: str, msg: str) -> ConfigError:
-    return ConfigError(f"config key '{key}': {msg}")
+    return ConfigError(f"config key '{_one_line(key)}': {_one_line(msg)}")
 
 
 def _str(data: dict[str, Any], key: str, full: str) -> str | None:
@@ -168,8 +172,9 @@ def parse(data: dict[str, Any]) -> Config:
             raise _err("pool.ipv6", f"{net6} is not an IPv6 prefix")
         kw["pool_ipv6"] = net6
     if "class" in pool:
-        pclass = _str(pool, "class", "pool.class")
-        kw["pool_class"] = pclass
+        kw["pool_class"] = _str(pool, "class", "pool.class")
+    elif "lan" not in classes:
+        kw["pool_class"] = next(iter(classes), kw.get("default_class", "wan"))
 
     cfg = Config(**kw)
     _check(cfg)

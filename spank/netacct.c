@@ -43,6 +43,9 @@
 #define NETACCT_DEFAULT_PREFIX  "netacct-"
 #define NETACCT_JOBID_DIGITS    10      /* UINT32_MAX is 4294967295 */
 #define NETACCT_PREFIX_MAX      (NAME_MAX - NETACCT_JOBID_DIGITS)
+/* SLURM's NO_VAL (0xfffffffe) and INFINITE (0xffffffff) are never job ids;
+ * slurm_netacct.naming.MAX_JOB_ID is the same limit. */
+#define NETACCT_JOBID_MAX       0xfffffffdU
 
 #ifndef NETACCT_NSPATH_MAIN
 SPANK_PLUGIN(netacct, 1)
@@ -208,8 +211,8 @@ static int netacct_build_path(const struct netacct_conf *c, uint32_t jobid,
 {
 	int n;
 
-	if (jobid == 0) {
-		netacct_err("invalid job id 0");
+	if (jobid == 0 || jobid > NETACCT_JOBID_MAX) {
+		netacct_err("invalid job id %u", (unsigned int) jobid);
 		return -1;
 	}
 	n = snprintf(buf, len, "%s/%s%u", c->netns_dir, c->prefix,
@@ -325,7 +328,7 @@ done:
 
 #else /* NETACCT_NSPATH_MAIN */
 
-/* Decimal, no sign, no leading zero, 1..UINT32_MAX. */
+/* Decimal, no sign, no leading zero, 1..NETACCT_JOBID_MAX. */
 static int netacct_parse_jobid(const char *s, uint32_t *out)
 {
 	unsigned long long v = 0;
@@ -338,13 +341,13 @@ static int netacct_parse_jobid(const char *s, uint32_t *out)
 			goto bad;
 		v = v * 10 + (unsigned long long) (*p - '0');
 	}
-	if (v > UINT32_MAX)
+	if (v > NETACCT_JOBID_MAX)
 		goto bad;
 	*out = (uint32_t) v;
 	return 0;
 bad:
 	netacct_err("bad job id '%s': expected a decimal number 1..%u "
-		    "without leading zeros", s, (unsigned int) UINT32_MAX);
+		    "without leading zeros", s, NETACCT_JOBID_MAX);
 	return -1;
 }
 

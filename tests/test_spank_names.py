@@ -1,0 +1,51 @@
+"""The SPANK plugin (C) and the Python package derive the same namespace path for a job."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slurm_netacct import naming
+from slurm_netacct.lifecycle import JobNames
+from slurm_netacct import config
+
+NSPATH = Path(__file__).resolve().parents[1] / "spank" / "netacct-nspath"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    subprocess.run(["make", "-s", "-C", str(NSPATH.parent)], check=True)
+
+
+def c_path(job: str, prefix: str = "netacct-", netns_dir: str = "/run/netns") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(NSPATH), f"netns_dir={netns_dir}", f"prefix={prefix}", job],
+                          capture_output=True, text=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(job=st.integers(min_value=1, max_value=naming.MAX_JOB_ID),
+       prefix=st.from_regex(r"[A-Za-z0-9._-]{1,20}", fullmatch=True).filter(lambda p: p not in (".", "..")))
+def test_c_and_python_agree_on_valid_ids(job: int, prefix: str) -> None:
+    cfg = config.parse({"netns_prefix": prefix, "netns_dir": "/run/netns"})
+    r = c_path(str(job), prefix)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(JobNames.of(cfg, job).netns_path)
+
+
+@pytest.mark.parametrize("job", ["", "0", "007", "-1", "+1", "../x", "1/2", "4294967294", "4294967295",
+                                 "4294967296", "99999999999999999999", " 1", "1a"])
+def test_c_and_python_reject_the_same_ids(job: str) -> None:
+    with pytest.raises(ValueError):
+        naming.parse_job_id(job)
+    r = c_path(job)
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_boundaries() -> None:
+    assert c_path("1").stdout.strip() == "/run/netns/netacct-1"
+    assert c_path(str(naming.MAX_JOB_ID)).stdout.strip() == f"/run/netns/netacct-{naming.MAX_JOB_ID}"

@@ -1,0 +1,252 @@
+"""Unit tests: naming, configuration, the rule specification and report arithmetic."""
+
+from __future__ import annotations
+
+import ipaddress
+import sqlite3
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from slurm_netacct import accounting, config, naming, report, store
+from slurm_netacct.errors import ConfigError, PoolExhaustedError
+from slurm_netacct.lifecycle import JobNames, addresses, index_range
+
+
+# ----------------------------------------------------------------------------- naming
+
+@given(st.integers(min_value=1, max_value=naming.MAX_JOB_ID))
+def test_every_valid_job_id_round_trips_and_fits_ifnamsiz(job: int) -> None:
+    assert naming.parse_job_id(str(job)) == job
+    for prefix in ("na", "nacc"):
+        name = naming.host_ifname(prefix, job)
+        assert len(name) <= 15
+        assert naming.job_id_from_ifname(prefix, name) == job
+    assert naming.job_id_from_netns("netacct-", naming.netns_name("netacct-", job)) == job
+
+
+@given(st.text(max_size=30))
+def test_parse_job_id_accepts_only_canonical_decimals(text: str) -> None:
+    try:
+        job = naming.parse_job_id(text)
+    except ValueError:
+        return
+    assert str(job) == text and 1 <= job <= naming.MAX_JOB_ID
+
+
+@pytest.mark.parametrize("bad", ["", "0", "00", "01", "-5", "+5", "1e3", "4294967294", "4294967295",
+                                 "4294967296", " 1", "1 ", "../1", "१२"])
+def test_parse_job_id_rejects(bad: str) -> None:
+    with pytest.raises(ValueError):
+        naming.parse_job_id(bad)
+
+
+def test_ifname_prefix_must_leave_room_for_ten_digits() -> None:
+    assert naming.valid_ifname_prefix("na")
+    assert naming.valid_ifname_prefix("abcd")
+    assert not naming.valid_ifname_prefix("abcde")
+    assert not naming.valid_ifname_prefix("Na")
+    assert not naming.valid_ifname_prefix("1a")
+
+
+def test_job_names_come_from_one_place() -> None:
+    cfg = config.parse({"netns_prefix": "acct.", "ifname_prefix": "ja", "netns_dir": "/run/netns"})
+    n = JobNames.of(cfg, 4242)
+    assert (n.netns, str(n.netns_path), n.host_if) == ("acct.4242", "/run/netns/acct.4242", "ja4242")
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_defaults_match_the_documented_contract() -> None:
+    cfg = config.load("/dev/null")
+    assert cfg.uplink is None
+    assert cfg.netns_prefix == "netacct-"
+    assert cfg.db == Path("/var/lib/slurm-netacct/netacct.db")
+    assert cfg.default_class == "wan"
+    assert cfg.firewall == "auto"
+    assert cfg.pool_ipv4 == ipaddress.ip_network("100.64.0.0/16")
+    assert cfg.pool_ipv6 is None
+    assert [str(p) for p in cfg.classes["lan"]] == ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
+    assert cfg.class_names == ["lan", "wan"]
+
+
+def test_full_example_parses(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("""
+uplink = "eth1"
+netns_prefix = "acct-"
+db = "/srv/netacct.db"
+default_class = "internet"
+firewall = "iptables"
+[pool]
+ipv4 = "100.65.0.0/20"
+ipv6 = "fd00:1::/64"
+[classes]
+campus = ["10.0.0.0/8", "fd00::/8"]
+partner = ["192.0.2.0/24"]
+""")
+    cfg = config.load(p)
+    assert cfg.class_names == ["campus", "partner", "internet"]
+    assert cfg.pool_class == "campus"  # no "lan" class: job-to-job traffic is the first class
+
+
+def test_pool_class_defaults_to_lan_and_must_exist(tmp_path: Path) -> None:
+    assert config.parse({}).pool_class == "lan"
+    assert config.parse({"classes": {}, "default_class": "internet"}).pool_class == "internet"
+    with pytest.raises(ConfigError, match="pool.class"):
+        config.parse({"classes": {"campus": ["10.0.0.0/8"]}, "pool": {"class": "nope"}})
+    cfg = config.parse({"classes": {"campus": ["10.0.0.0/8"]}, "pool": {"class": "campus"}})
+    assert cfg.pool_class == "campus"
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"unknown": 1}, "unknown"),
+    ({"pool": {"ipv5": "x"}}, "pool.ipv5"),
+    ({"pool": {"ipv4": "fd00::/64"}}, "pool.ipv4"),
+    ({"pool": {"ipv6": "100.64.0.0/16"}}, "pool.ipv6"),
+    ({"pool": {"ipv6": "fd00::/121"}}, "pool.ipv6"),
+    ({"pool": {"ipv4": "127.0.0.0/8"}}, "pool.ipv4"),
+    ({"classes": {"lan": "10.0.0.0/8"}}, "classes.lan"),
+    ({"classes": {"LAN": ["10.0.0.0/8"]}}, "classes.LAN"),
+    ({"classes": {"lan": ["10.0.0.0/33"]}}, "classes.lan"),
+    ({"classes": {"lan": ["10.0.0.0/8"], "dc": ["100.64.0.0/10"]}}, "pool.ipv4"),
+    ({"firewall": "ipfw"}, "firewall"),
+    ({"ifname_prefix": "toolong"}, "ifname_prefix"),
+    ({"db": "relative/path.db"}, "db"),
+    ({"uplink": 5}, "uplink"),
+    ({"uplink": "a" * 16}, "uplink"),
+    ({"default_class": "Bad Class"}, "default_class"),
+])
+def test_config_errors_name_the_key(data: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.parse(data)
+    msg = str(info.value)
+    assert f"config key '{key}'" in msg and "\n" not in msg
+
+
+def test_missing_explicit_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.toml")
+
+
+@given(st.dictionaries(st.text(max_size=12), st.one_of(st.text(max_size=20), st.integers(), st.lists(st.text(max_size=20), max_size=3)), max_size=4))
+def test_config_parser_never_crashes(data: dict) -> None:
+    try:
+        config.parse(data)
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+
+
+# ----------------------------------------------------------------------------- rules
+
+def test_rules_are_ordered_first_match_wins_default_last() -> None:
+    cfg = config.parse({"classes": {"campus": ["10.0.0.0/8"], "partner": ["10.1.0.0/16", "2001:db8::/32"]},
+                        "pool": {"class": "campus"}})
+    out = [r for r in accounting.rules(cfg) if r.direction == "out"]
+    assert [(r.klass, str(r.prefix)) for r in out] == [
+        ("campus", "100.64.0.0/16"), ("campus", "10.0.0.0/8"), ("partner", "10.1.0.0/16"),
+        ("partner", "2001:db8::/32"), ("wan", "None")]
+
+
+def test_nft_ruleset_has_named_counters_for_every_class_and_direction() -> None:
+    cfg = config.parse({"classes": {"lan": ["10.0.0.0/8", "fc00::/7"], "hpc": ["192.0.2.0/24"]},
+                        "pool": {"ipv6": "fd00:1::/64"}})
+    text = accounting.Nftables().ruleset(cfg)
+    for name in ("lan_in", "lan_out", "hpc_in", "hpc_out", "wan_in", "wan_out"):
+        assert f"counter {name} {{ }}" in text
+    assert "set lan_v4 { type ipv4_addr; flags interval; auto-merge; elements = { 100.64.0.0/16, 10.0.0.0/8 } }" in text
+    assert "set lan_v6 { type ipv6_addr; flags interval; auto-merge; elements = { fd00:1::/64, fc00::/7 } }" in text
+    # first match wins: the lan set is tested before hpc, the default counts what is left
+    out_chain = text.split("chain output")[1].split("}")[0:]
+    body = "}".join(out_chain)
+    assert body.index("@lan_v4") < body.index("@hpc_v4") < body.index('counter name "wan_out"')
+
+
+# ----------------------------------------------------------------------------- addresses
+
+def test_address_indices_skip_network_gateway_broadcast() -> None:
+    cfg = config.parse({"pool": {"ipv4": "100.64.0.0/29", "ipv6": "fd00::/120"}})
+    assert index_range(cfg) == (2, 6)
+    a = addresses(cfg, 2)
+    assert (str(a.ipv4), str(a.gateway4), str(a.ipv6)) == ("100.64.0.2", "100.64.0.1", "fd00::2")
+
+
+def test_leases_reuse_the_lowest_free_index_and_run_out(tmp_path: Path) -> None:
+    db = store.connect(tmp_path / "n.db")
+    assert [store.lease(db, j, f"ns{j}", 2, 4) for j in (1, 2, 3)] == [2, 3, 4]
+    assert store.lease(db, 2, "ns2", 2, 4) == 3  # idempotent for the same job
+    with pytest.raises(PoolExhaustedError):
+        store.lease(db, 9, "ns9", 2, 4)
+    store.release(db, 2)
+    assert store.lease(db, 9, "ns9", 2, 4) == 3
+
+
+# ----------------------------------------------------------------------------- report
+
+def _make_db(path: Path, node: str, jobs: list[tuple[int, int, str, dict[str, tuple[int, int, int, int]]]]) -> Path:
+    db = store.connect(path)
+    for job, restart, state, traffic in jobs:
+        info = store.JobInfo(job_id=job, node=node, restart=restart, user="alice", account="phys", partition="batch")
+        store.record_start(db, info, f"netacct-{job}", "100.64.0.2", None, "nftables")
+        if state != "running":
+            store.record_end(db, info, state, {k: dict(zip(report.FIELDS, v)) for k, v in traffic.items()})
+    db.close()
+    return path
+
+
+def test_report_sums_nodes_and_ignores_the_same_db_twice(tmp_path: Path) -> None:
+    a = _make_db(tmp_path / "a.db", "n1", [(7, 0, "completed", {"lan": (100, 200, 1, 2), "wan": (5, 6, 1, 1)})])
+    b = _make_db(tmp_path / "b.db", "n2", [(7, 0, "completed", {"lan": (1000, 2000, 10, 20), "wan": (0, 0, 0, 0)}),
+                                           (8, 0, "completed", {"lan": (1, 1, 1, 1), "wan": (0, 0, 0, 0)})])
+    copy = tmp_path / "copy-of-a.db"
+    copy.write_bytes(a.read_bytes())
+    recs = report.load([a, b, a, copy], {7})
+    assert len(recs) == 1
+    r = recs[0]
+    assert r.nodes == ["n1", "n2"]
+    assert r.traffic["lan"] == {"in_bytes": 1100, "out_bytes": 2200, "in_packets": 11, "out_packets": 22}
+    assert r.traffic["wan"] == {"in_bytes": 5, "out_bytes": 6, "in_packets": 1, "out_packets": 1}
+    assert r.per_node["n2"]["lan"]["in_bytes"] == 1000
+    assert r.as_json()["job_id"] == "7"
+
+
+def test_report_state_running_wins_and_has_no_end(tmp_path: Path) -> None:
+    a = _make_db(tmp_path / "a.db", "n1", [(9, 0, "completed", {"lan": (1, 1, 1, 1)})])
+    b = _make_db(tmp_path / "b.db", "n2", [(9, 0, "running", {})])
+    [r] = report.load([a, b])
+    assert r.state == "running" and r.end is None
+
+
+def test_report_sums_restarts_of_a_requeued_job(tmp_path: Path) -> None:
+    a = _make_db(tmp_path / "a.db", "n1", [(5, 0, "completed", {"wan": (10, 20, 1, 1)}),
+                                           (5, 1, "completed", {"wan": (1, 2, 1, 1)})])
+    [r] = report.load([a])
+    assert r.traffic["wan"]["in_bytes"] == 11 and r.traffic["wan"]["out_bytes"] == 22
+
+
+@pytest.mark.parametrize("n, text", [(0, "0"), (1023, "1023"), (1024, "1.00K"), (1536, "1.50K"),
+                                     (3 * 1024**2, "3.00M"), (5 * 1024**5, "5.00P")])
+def test_human_bytes(n: int, text: str) -> None:
+    assert report.human_bytes(n) == text
+
+
+def test_table_renders_each_class(tmp_path: Path) -> None:
+    a = _make_db(tmp_path / "a.db", "n1", [(7, 0, "completed", {"lan": (2048, 100, 1, 1), "wan": (0, 5 * 1024**2, 0, 9)})])
+    text = report.table(report.load([a]), ["lan", "wan"])
+    lines = text.splitlines()
+    assert lines[0].split() == ["JobID", "User", "Account", "Nodes", "State", "LAN-In", "LAN-Out", "WAN-In", "WAN-Out"]
+    assert lines[2].split() == ["7", "alice", "phys", "n1", "completed", "2.00K", "100", "0", "5.00M"]
+
+
+def test_report_of_a_broken_db_is_a_store_error(tmp_path: Path) -> None:
+    from slurm_netacct.errors import StoreError
+    bad = tmp_path / "bad.db"
+    bad.write_text("not sqlite")
+    with pytest.raises(StoreError):
+        report.load([bad])
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()
+    with pytest.raises(StoreError):
+        report.load([empty])
