@@ -329,6 +329,11 @@ class Iptables:
 
     name = "iptables"
 
+    def __init__(self) -> None:
+        # Import once here (~180 ms); the per-family child processes inherit the module.
+        # Importing does not bind libxtables to a family; first use in each child does.
+        import iptc  # noqa: F401
+
     def install(self, cfg: Config, ns_path: Path) -> None:
         try:
             for version in (4, 6):
