@@ -1,6 +1,6 @@
 """Packet-accounting rules, described once as data, installed and read by two backends.
 
-Each job's counters live inside the job's own network namespace: an `output` and an `input`
+Each job's counters live inside the job's own network namespace: a `postrouting` and an `input`
 hook see every packet a process of the job sends or receives, whatever its destination (the
 node itself, another job, the LAN, the WAN), at a per-packet cost that does not depend on how
 many jobs run on the node. The job's user has no CAP_NET_ADMIN there and cannot touch them.
@@ -10,6 +10,7 @@ The node side only forwards and masquerades (one shared NAT rule set for the who
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import json
 import os
 import shutil
@@ -18,12 +19,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import naming
 from .config import Config, IPNetwork
 from .errors import ConfigError, SetupError
-from .netns import run_in_netns, setns
+from .netns import run_in_netns, set_sysctl, setns
 
 DIRECTIONS = ("out", "in")  # out: the job sent it (remote = daddr); in: the job received it
 # ICMPv6 link control (neighbour discovery, MLD) is the link's own business, not traffic.
@@ -75,14 +76,30 @@ def empty_counters(cfg: Config) -> Counters:
     return {(k, d): Count() for k in cfg.class_names for d in DIRECTIONS}
 
 
+@dataclass(frozen=True)
+class NodePlan:
+    """What one node's jobs are built from: its pools, uplink, mode and DNS stub."""
+
+    node: str
+    uplink: str
+    pool4: ipaddress.IPv4Network
+    pool6: ipaddress.IPv6Network | None
+    dns_stub: ipaddress.IPv4Address | None = None  # the node's loopback resolver, if any
+
+    @property
+    def gateway4(self) -> ipaddress.IPv4Address:
+        """The node side of every job link on this node (the pool's first address)."""
+        return self.pool4[1]
+
+
 class Backend(Protocol):
     """What the prolog/epilog need from a packet-accounting backend."""
 
     name: str
 
-    def install(self, cfg: Config, ns_path: Path) -> None: ...
+    def install(self, cfg: Config, ns_path: Path, plan: NodePlan) -> None: ...
     def read(self, cfg: Config, ns_path: Path) -> Counters: ...
-    def install_node(self, cfg: Config, uplink: str) -> None: ...
+    def install_node(self, cfg: Config, plan: NodePlan) -> None: ...
     def remove_node(self, cfg: Config) -> bool: ...
 
 
@@ -107,6 +124,21 @@ def _run(argv: list[str], stdin: str | None = None, ns_path: Path | None = None)
     return proc.stdout
 
 
+def _job_sysctls(plan: NodePlan) -> None:
+    """Runs inside the job namespace: let DNS packets redirected from 127/8 leave by eth0."""
+    if plan.dns_stub is not None:
+        set_sysctl(f"net/ipv4/conf/{naming.JOB_IFNAME}/route_localnet", "1")
+
+
+def masquerade_exempt(cfg: Config) -> list[IPNetwork]:
+    """Destinations that keep the job's own address: none (nat), or in routed mode every IPv4
+    prefix of a non-default class and the pool (peers can connect back to the job). IPv6 is
+    always masqueraded: SLURM's NodeAddr is IPv4, so there is no next hop to route it by."""
+    if cfg.mode != "routed":
+        return []
+    return [p for p in cfg.routed_prefixes() if p.version == 4]
+
+
 # --------------------------------------------------------------------------- nftables
 
 class Nftables:
@@ -114,7 +146,7 @@ class Nftables:
 
     name = "nftables"
 
-    def ruleset(self, cfg: Config) -> str:
+    def ruleset(self, cfg: Config, plan: NodePlan | None = None) -> str:
         """The job namespace's complete table, as `nft -f` input (replaces any old one)."""
         t = naming.NFT_TABLE
         lines = [f"table inet {t} {{}}", f"delete table inet {t}", f"table inet {t} {{"]
@@ -129,9 +161,11 @@ class Nftables:
             for d in DIRECTIONS:
                 lines.append(f"  counter {naming.counter_name(klass, d)} {{ }}")
         link_types = ", ".join(ICMPV6_LINK_NAMES)
-        for d, hook, ifmatch, field in (("out", "output", "oif", "daddr"),
-                                        ("in", "input", "iif", "saddr")):
-            lines.append(f"  chain {hook} {{ type filter hook {hook} priority -300; policy accept;")
+        # Outgoing packets are counted in postrouting: after a DNS redirect (below) has
+        # re-routed them, so the interface and destination are the ones they leave with.
+        for d, chain, hook, ifmatch, field in (("out", "count_out", "postrouting", "oif", "daddr"),
+                                               ("in", "count_in", "input", "iif", "saddr")):
+            lines.append(f"  chain {chain} {{ type filter hook {hook} priority -300; policy accept;")
             lines.append(f'    {ifmatch} "lo" return')
             lines.append(f"    icmpv6 type {{ {link_types} }} return")
             seen: set[str] = set()
@@ -144,11 +178,22 @@ class Nftables:
                 lines.append(f'    {fam} {field} @{set_name} counter name "{naming.counter_name(klass, d)}" return')
             lines.append(f'    counter name "{naming.counter_name(cfg.default_class, d)}"')
             lines.append("  }")
+        if plan is not None and plan.dns_stub is not None:
+            lines += [
+                "  chain dns_out { type nat hook output priority -100; policy accept;",
+                f"    ip daddr {plan.dns_stub} meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {plan.gateway4}",
+                "  }",
+                "  chain dns_post { type nat hook postrouting priority 100; policy accept;",
+                '    oif != "lo" ip saddr 127.0.0.0/8 masquerade',
+                "  }",
+            ]
         lines.append("}")
         return "\n".join(lines) + "\n"
 
-    def install(self, cfg: Config, ns_path: Path) -> None:
-        _run([_tool("nft"), "-f", "-"], stdin=self.ruleset(cfg), ns_path=ns_path)
+    def install(self, cfg: Config, ns_path: Path, plan: NodePlan) -> None:
+        if plan.dns_stub is not None:
+            run_in_netns(ns_path, _job_sysctls, plan)
+        _run([_tool("nft"), "-f", "-"], stdin=self.ruleset(cfg, plan), ns_path=ns_path)
 
     def read(self, cfg: Config, ns_path: Path) -> Counters:
         out = _run([_tool("nft"), "-j", "list", "counters", "table", "inet", naming.NFT_TABLE],
@@ -166,18 +211,33 @@ class Nftables:
             counters[key] = found[name]
         return counters
 
-    def node_ruleset(self, cfg: Config, uplink: str) -> str:
+    def node_ruleset(self, cfg: Config, plan: NodePlan) -> str:
         t = naming.NODE_NFT_TABLE
+        up = plan.uplink
+        exempt4 = [str(p) for p in masquerade_exempt(cfg) if p.version == 4]
+        exempt6 = [str(p) for p in masquerade_exempt(cfg) if p.version == 6]
         lines = [f"table inet {t} {{}}", f"delete table inet {t}", f"table inet {t} {{",
-                 "  chain postrouting { type nat hook postrouting priority srcnat; policy accept;",
-                 f'    oifname "{uplink}" ip saddr {cfg.pool_ipv4} masquerade']
-        if cfg.pool_ipv6 is not None:
-            lines.append(f'    oifname "{uplink}" ip6 saddr {cfg.pool_ipv6} masquerade')
-        lines += ["  }", "}"]
+                 "  chain postrouting { type nat hook postrouting priority srcnat; policy accept;"]
+        if exempt4:
+            lines.append(f'    oifname "{up}" ip saddr {plan.pool4} ip daddr {{ {", ".join(exempt4)} }} return')
+        lines.append(f'    oifname "{up}" ip saddr {plan.pool4} masquerade')
+        if plan.pool6 is not None:
+            if exempt6:
+                lines.append(f'    oifname "{up}" ip6 saddr {plan.pool6} ip6 daddr {{ {", ".join(exempt6)} }} return')
+            lines.append(f'    oifname "{up}" ip6 saddr {plan.pool6} masquerade')
+        lines.append("  }")
+        if plan.dns_stub is not None:
+            lines += [
+                "  chain dns { type nat hook prerouting priority dstnat; policy accept;",
+                f'    iifname "{cfg.ifname_prefix}*" ip daddr {plan.gateway4} meta l4proto {{ tcp, udp }} '
+                f"th dport 53 dnat ip to {plan.dns_stub}",
+                "  }",
+            ]
+        lines.append("}")
         return "\n".join(lines) + "\n"
 
-    def install_node(self, cfg: Config, uplink: str) -> None:
-        _run([_tool("nft"), "-f", "-"], stdin=self.node_ruleset(cfg, uplink))
+    def install_node(self, cfg: Config, plan: NodePlan) -> None:
+        _run([_tool("nft"), "-f", "-"], stdin=self.node_ruleset(cfg, plan))
 
     def remove_node(self, cfg: Config) -> bool:
         try:
@@ -216,22 +276,29 @@ def _iptc_family(version: int) -> tuple[type, type]:
 # family are then "not found"), so each function below handles one family and runs in a
 # process of its own (run_in_netns forks).
 
-def _ipt_install(cfg: Config, version: int) -> None:
-    """Runs inside the job namespace: build one family's chains with python-iptables (legacy)."""
+def _ipt_rule(rule_cls: type, target: str, goto: bool = False, **fields: str) -> Any:
+    r = rule_cls()
+    for key, value in fields.items():
+        setattr(r, key, value)
+    r.create_target(target, goto=goto)
+    return r
+
+
+def _ipt_install(cfg: Config, version: int, plan: NodePlan) -> None:
+    """Runs inside the job namespace: build one family's chains with python-iptables (legacy).
+
+    Counting is in the mangle table: POSTROUTING (after a DNS redirect re-routed the packet)
+    and INPUT; each class chain holds exactly one rule, whose counters are the class's.
+    """
     import iptc
 
     table_cls, rule_cls = _iptc_family(version)
-    table = table_cls(table_cls.FILTER)
+    table = table_cls(table_cls.MANGLE)
     table.autocommit = False
-    for d, builtin in (("out", "OUTPUT"), ("in", "INPUT")):
+    for d, builtin in (("out", "POSTROUTING"), ("in", "INPUT")):
         main = table.create_chain(naming.ipt_chain(d))
-        r = rule_cls()
-        if d == "out":
-            r.out_interface = "lo"
-        else:
-            r.in_interface = "lo"
-        r.create_target("RETURN")
-        main.append_rule(r)
+        lo = {"out_interface": "lo"} if d == "out" else {"in_interface": "lo"}
+        main.append_rule(_ipt_rule(rule_cls, "RETURN", **lo))
         if version == 6:
             for icmp_type in ICMPV6_LINK_TYPES:
                 r = rule_cls()
@@ -241,27 +308,29 @@ def _ipt_install(cfg: Config, version: int) -> None:
                 r.create_target("RETURN")
                 main.append_rule(r)
         for klass in cfg.class_names:
-            cchain = table.create_chain(_ipt_chain(klass, d))
-            r = rule_cls()
-            r.create_target("RETURN")
-            cchain.append_rule(r)
+            table.create_chain(_ipt_chain(klass, d)).append_rule(_ipt_rule(rule_cls, "RETURN"))
         for klass, prefix in cfg.class_prefixes():
             if prefix.version != version:
                 continue
-            r = rule_cls()
-            if d == "out":
-                r.dst = str(prefix)
-            else:
-                r.src = str(prefix)
-            r.create_target(_ipt_chain(klass, d), goto=True)
-            main.append_rule(r)
-        r = rule_cls()
-        r.create_target(_ipt_chain(cfg.default_class, d), goto=True)
-        main.append_rule(r)
-        r = rule_cls()
-        r.create_target(naming.ipt_chain(d))
-        iptc.Chain(table, builtin).insert_rule(r)
+            match = {"dst": str(prefix)} if d == "out" else {"src": str(prefix)}
+            main.append_rule(_ipt_rule(rule_cls, _ipt_chain(klass, d), goto=True, **match))
+        main.append_rule(_ipt_rule(rule_cls, _ipt_chain(cfg.default_class, d), goto=True))
+        iptc.Chain(table, builtin).insert_rule(_ipt_rule(rule_cls, naming.ipt_chain(d)))
     table.commit()
+    if version == 4 and plan.dns_stub is not None:
+        nat = table_cls(table_cls.NAT)
+        nat.autocommit = False
+        out = iptc.Chain(nat, "OUTPUT")
+        for proto in ("udp", "tcp"):
+            r = rule_cls()
+            r.dst = str(plan.dns_stub)
+            r.protocol = proto
+            r.create_match(proto).dport = "53"
+            r.create_target("DNAT").to_destination = str(plan.gateway4)
+            out.append_rule(r)
+        iptc.Chain(nat, "POSTROUTING").append_rule(
+            _ipt_rule(rule_cls, "MASQUERADE", src="127.0.0.0/8", out_interface="!lo"))
+        nat.commit()
 
 
 def _ipt_read(cfg: Config, version: int) -> dict[tuple[str, str], tuple[int, int]]:
@@ -270,55 +339,64 @@ def _ipt_read(cfg: Config, version: int) -> dict[tuple[str, str], tuple[int, int
 
     result: dict[tuple[str, str], tuple[int, int]] = {}
     table_cls, _ = _iptc_family(version)
-    table = table_cls(table_cls.FILTER)
+    table = table_cls(table_cls.MANGLE)
     table.refresh()
     for klass in cfg.class_names:
         for d in DIRECTIONS:
             name = _ipt_chain(klass, d)
             if not table.is_chain(name):
                 raise SetupError(f"iptables chain {name} is missing")
-            chain = iptc.Chain(table, name)
-            rules_ = chain.rules
+            rules_ = iptc.Chain(table, name).rules
             if len(rules_) != 1:
                 raise SetupError(f"iptables chain {name} has {len(rules_)} rules, expected 1")
             pkts, byts = rules_[0].get_counters()
-            old = result.get((klass, d), (0, 0))
-            result[(klass, d)] = (old[0] + pkts, old[1] + byts)
+            result[(klass, d)] = (pkts, byts)
     return result
 
 
-def _ipt_node(cfg: Config, uplink: str | None, version: int) -> bool:
-    """Runs in the node namespace: (re)build, or with uplink None remove, NETACCT_NAT."""
+def _ipt_node(cfg: Config, plan: NodePlan | None, version: int) -> bool:
+    """Runs in the node namespace: (re)build, or with plan None remove, NETACCT_NAT/_DNS."""
     import iptc
 
     changed = False
-    chain_name = naming.ipt_chain("nat")
     table_cls, rule_cls = _iptc_family(version)
-    pool: IPNetwork | None = cfg.pool_ipv4 if version == 4 else cfg.pool_ipv6
+    pool: IPNetwork | None = None
+    if plan is not None:
+        pool = plan.pool4 if version == 4 else plan.pool6
+    chains = (("POSTROUTING", naming.ipt_chain("nat")), ("PREROUTING", naming.ipt_chain("dns")))
     with _xtables_lock():
         table = table_cls(table_cls.NAT)
         table.autocommit = False
         table.refresh()
-        post = iptc.Chain(table, "POSTROUTING")
-        for r in list(post.rules):
-            if r.target.name == chain_name:
-                post.delete_rule(r)
+        for builtin, name in chains:  # remove our chains and the jumps to them, nothing else
+            base = iptc.Chain(table, builtin)
+            for r in list(base.rules):
+                if r.target.name == name:
+                    base.delete_rule(r)
+                    changed = True
+            if table.is_chain(name):
+                chain = iptc.Chain(table, name)
+                chain.flush()
+                chain.delete()
                 changed = True
-        if table.is_chain(chain_name):
-            chain = iptc.Chain(table, chain_name)
-            chain.flush()
-            chain.delete()
-            changed = True
-        if uplink is not None and pool is not None:
-            chain = table.create_chain(chain_name)
-            r = rule_cls()
-            r.src = str(pool)
-            r.out_interface = uplink
-            r.create_target("MASQUERADE")
-            chain.append_rule(r)
-            r = rule_cls()
-            r.create_target(chain_name)
-            post.insert_rule(r)
+        if plan is not None and pool is not None:
+            nat = table.create_chain(naming.ipt_chain("nat"))
+            for prefix in masquerade_exempt(cfg):
+                if prefix.version == version:
+                    nat.append_rule(_ipt_rule(rule_cls, "RETURN", dst=str(prefix)))
+            nat.append_rule(_ipt_rule(rule_cls, "MASQUERADE", src=str(pool), out_interface=plan.uplink))
+            iptc.Chain(table, "POSTROUTING").insert_rule(_ipt_rule(rule_cls, naming.ipt_chain("nat")))
+            if version == 4 and plan.dns_stub is not None:
+                dns = table.create_chain(naming.ipt_chain("dns"))
+                for proto in ("udp", "tcp"):
+                    r = rule_cls()
+                    r.in_interface = f"{cfg.ifname_prefix}+"
+                    r.dst = str(plan.gateway4)
+                    r.protocol = proto
+                    r.create_match(proto).dport = "53"
+                    r.create_target("DNAT").to_destination = str(plan.dns_stub)
+                    dns.append_rule(r)
+                iptc.Chain(table, "PREROUTING").insert_rule(_ipt_rule(rule_cls, naming.ipt_chain("dns")))
         table.commit()
         table.refresh()
     return changed
@@ -334,10 +412,12 @@ class Iptables:
         # Importing does not bind libxtables to a family; first use in each child does.
         import iptc  # noqa: F401
 
-    def install(self, cfg: Config, ns_path: Path) -> None:
+    def install(self, cfg: Config, ns_path: Path, plan: NodePlan) -> None:
         try:
+            if plan.dns_stub is not None:
+                run_in_netns(ns_path, _job_sysctls, plan)
             for version in (4, 6):
-                run_in_netns(ns_path, _ipt_install, cfg, version)
+                run_in_netns(ns_path, _ipt_install, cfg, version, plan)
         except SetupError:
             raise
         except Exception as exc:  # iptc.IPTCError and friends
@@ -352,11 +432,11 @@ class Iptables:
             raise SetupError(f"iptables: {exc}") from None
         return {k: Count(raw[0][k][0] + raw[1][k][0], raw[0][k][1] + raw[1][k][1]) for k in raw[0]}
 
-    def install_node(self, cfg: Config, uplink: str) -> None:
+    def install_node(self, cfg: Config, plan: NodePlan) -> None:
         try:
-            run_in_netns(None, _ipt_node, cfg, uplink, 4)
-            if cfg.pool_ipv6 is not None:
-                run_in_netns(None, _ipt_node, cfg, uplink, 6)
+            run_in_netns(None, _ipt_node, cfg, plan, 4)
+            if plan.pool6 is not None:
+                run_in_netns(None, _ipt_node, cfg, plan, 6)
         except Exception as exc:
             raise SetupError(f"iptables NAT: {exc}") from None
 

@@ -43,6 +43,8 @@ def exec_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--job", required=True, metavar="ID", help="SLURM job id")
     p.add_argument("--user", metavar="NAME", help="run as this user (uid, gid and groups)")
+    p.add_argument("--host", metavar="NAME",
+                   help="the host name for a netns_prefix with %%h (default: this host's short name)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     return p
 
@@ -73,7 +75,10 @@ def exec_main(argv: Sequence[str] | None = None) -> None:
         except ValueError as exc:
             raise JobIdError(f"--job: {exc}") from None
         cfg = config_mod.load()
-        path = cfg.netns_dir / naming.netns_name(cfg.netns_prefix, job_id)
+        try:
+            path = cfg.netns_dir / naming.netns_name(cfg.netns_prefix, job_id, args.host)
+        except ValueError as exc:
+            raise UsageError(f"{prog}: {exc}") from None
         if not netns.is_netns(path):
             raise NoNamespaceError(f"job {job_id} has no network namespace on this node ({path})")
         if args.user is not None:  # resolve before joining: NSS may need the node's network
@@ -145,5 +150,54 @@ def report_main(argv: Sequence[str] | None = None) -> None:
             sys.stdout.write("\n")
         else:
             print(report.table(records, classes))
+    except NetacctError as exc:
+        sys.exit(_fail(prog, exc))
+
+
+# --------------------------------------------------------------------------- netacct-routes
+
+def routes_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="netacct-routes",
+                description="Routed mode: install, remove or show the routes to every node's job "
+                            "prefix on this host (compute node, controller or login host). Routes "
+                            "carry protocol 222, and only those are ever changed.",
+                epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["install", "remove", "show"])
+    p.add_argument("--node", action="append", metavar="NAME=ADDR",
+                   help="a node and its address (repeatable); default: ask `scontrol show nodes`")
+    p.add_argument("--self", dest="self_node", metavar="NAME",
+                   help="this host's node name, skipped (default: $SLURMD_NODENAME, else none)")
+    return p
+
+
+def routes_main(argv: Sequence[str] | None = None) -> None:
+    from . import routes
+
+    prog = "netacct-routes"
+    try:
+        args = routes_parser().parse_args(argv)
+        if args.action == "remove":
+            print(f"removed {routes.remove()} routes")
+            return
+        if args.action == "show":
+            for prefix, via in routes.installed():
+                print(f"{prefix} via {via}")
+            return
+        cfg = config_mod.load()
+        if args.node:
+            nodes = {}
+            for item in args.node:
+                name, sep, addr = item.partition("=")
+                if not sep or not name or not addr:
+                    raise UsageError(f"{prog}: --node {item!r}: expected NAME=ADDR")
+                nodes[name] = addr
+        else:
+            nodes = routes.slurm_nodes()
+        self_node = args.self_node or os.environ.get("SLURMD_NODENAME")
+        planned = routes.plan(cfg, nodes, self_node)
+        added, removed = routes.install(planned)
+        for r in planned:
+            print(f"{r.prefix} via {r.via} ({r.node})")
+        print(f"installed {added} routes, removed {removed} stale ones")
     except NetacctError as exc:
         sys.exit(_fail(prog, exc))

@@ -23,11 +23,13 @@ DEFAULT_CLASSES: dict[str, list[str]] = {
 }
 _CLASS_RE = re.compile(r"[a-z][a-z0-9_]{0,15}")
 FIREWALLS = ("auto", "nftables", "iptables")
-MODES = ("nat",)
+MODES = ("nat", "routed")
+DNS_MODES = ("auto", "off")
+_ROUTED_KEYS = {"prefixlen4", "prefixlen6", "nodes"}
 
 _TOP_KEYS = {
     "uplink", "netns_prefix", "ifname_prefix", "db", "default_class", "firewall", "mode",
-    "log_file", "netns_dir", "pool", "classes",
+    "log_file", "netns_dir", "pool", "classes", "routed", "dns",
 }
 _POOL_KEYS = {"ipv4", "ipv6", "class"}
 
@@ -45,11 +47,55 @@ class Config:
     firewall: str = "auto"
     mode: str = "nat"
     log_file: Path | None = None
+    dns: str = "auto"  # redirect DNS to the node's loopback stub resolver, if it has one
     pool_ipv4: ipaddress.IPv4Network = ipaddress.IPv4Network("100.64.0.0/16")
     pool_ipv6: ipaddress.IPv6Network | None = None
     pool_class: str = "lan"  # parse(): "lan" if defined, else the first class listed
     # Ordered: first match wins. Each class -> its prefixes (the pool is added to pool_class).
     classes: dict[str, tuple[IPNetwork, ...]] = field(default_factory=dict)
+    # Routed mode: each node's share of the pools, and optional explicit node indices.
+    prefixlen4: int = 24
+    prefixlen6: int = 64
+    node_indices: dict[str, int] = field(default_factory=dict)
+
+    def node_index(self, node: str) -> int:
+        """The node's slice of the pools: [routed.nodes] if listed, else its trailing digits."""
+        if node in self.node_indices:
+            return self.node_indices[node]
+        m = re.search(r"(\d+)$", node)
+        if m is None:
+            raise ConfigError(f"config key 'routed.nodes': node {node!r} is not listed and its name "
+                              "has no trailing number to derive its job prefix from")
+        return int(m.group(1))
+
+    def node_pools(self, node: str) -> tuple[ipaddress.IPv4Network, ipaddress.IPv6Network | None]:
+        """The job address pools of one node: the whole pools (nat), or its slice (routed)."""
+        if self.mode != "routed":
+            return self.pool_ipv4, self.pool_ipv6
+        idx = self.node_index(node)
+        n4 = 1 << (self.prefixlen4 - self.pool_ipv4.prefixlen)
+        if idx >= n4:
+            raise ConfigError(f"config key 'routed.prefixlen4': node {node!r} has index {idx}, but "
+                              f"{self.pool_ipv4} holds only {n4} /{self.prefixlen4} node prefixes")
+        base4 = int(self.pool_ipv4.network_address) + (idx << (32 - self.prefixlen4))
+        v4 = ipaddress.IPv4Network((base4, self.prefixlen4))
+        v6 = None
+        if self.pool_ipv6 is not None:
+            n6 = 1 << (self.prefixlen6 - self.pool_ipv6.prefixlen)
+            if idx >= n6:
+                raise ConfigError(f"config key 'routed.prefixlen6': node {node!r} has index {idx}, "
+                                  f"but {self.pool_ipv6} holds only {n6} node prefixes")
+            base6 = int(self.pool_ipv6.network_address) + (idx << (128 - self.prefixlen6))
+            v6 = ipaddress.IPv6Network((base6, self.prefixlen6))
+        return v4, v6
+
+    def routed_prefixes(self) -> list[IPNetwork]:
+        """Destinations reached without NAT in routed mode: every non-default class, the pools."""
+        out: list[IPNetwork] = []
+        for klass, prefix in self.class_prefixes():
+            if klass != self.default_class and prefix not in out:
+                out.append(prefix)
+        return out
 
     @property
     def class_names(self) -> list[str]:
@@ -58,6 +104,10 @@ class Config:
         if self.default_class not in names:
             names.append(self.default_class)
         return names
+
+    def db_for(self, node: str) -> Path:
+        """The database path, with %n replaced by the node name (as in slurm.conf)."""
+        return Path(str(self.db).replace("%n", node))
 
     def class_prefixes(self) -> list[tuple[str, IPNetwork]]:
         """(class, prefix) pairs in match order; the pools first, as they are most specific."""
@@ -136,6 +186,34 @@ def parse(data: dict[str, Any]) -> Config:
             raise _err("mode", f"{mode!r} is not one of {', '.join(MODES)}")
         kw["mode"] = mode
 
+    dns = _str(data, "dns", "dns")
+    if dns is not None:
+        if dns not in DNS_MODES:
+            raise _err("dns", f"{dns!r} is not one of {', '.join(DNS_MODES)}")
+        kw["dns"] = dns
+
+    routed = data.get("routed", {})
+    if not isinstance(routed, dict):
+        raise _err("routed", "must be a table")
+    for key in routed:
+        if key not in _ROUTED_KEYS:
+            raise _err(f"routed.{key}", "unknown key")
+    for key, lo, hi in (("prefixlen4", 8, 30), ("prefixlen6", 16, 120)):
+        if key in routed:
+            v = routed[key]
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise _err(f"routed.{key}", f"must be an integer from {lo} to {hi}")
+            kw[key] = v
+    nodes = routed.get("nodes", {})
+    if not isinstance(nodes, dict):
+        raise _err("routed.nodes", "must be a table of node name = index")
+    for name, idx in nodes.items():
+        if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
+            raise _err(f"routed.nodes.{name}", "must be a non-negative integer")
+    if len(set(nodes.values())) != len(nodes):
+        raise _err("routed.nodes", "two nodes have the same index")
+    kw["node_indices"] = dict(nodes)
+
     classes_raw = data.get("classes", DEFAULT_CLASSES)
     if not isinstance(classes_raw, dict):
         raise _err("classes", "must be a table of class = [prefixes]")
@@ -187,6 +265,11 @@ def _check(cfg: Config) -> None:
         raise _err("pool.class", f"{cfg.pool_class!r} is neither a class nor the default class")
     if cfg.pool_ipv4.prefixlen > 30:
         raise _err("pool.ipv4", f"{cfg.pool_ipv4} is too small: it needs a gateway and at least one job")
+    if cfg.mode == "routed":
+        if cfg.prefixlen4 < cfg.pool_ipv4.prefixlen:
+            raise _err("routed.prefixlen4", f"/{cfg.prefixlen4} is larger than pool.ipv4 {cfg.pool_ipv4}")
+        if cfg.pool_ipv6 is not None and cfg.prefixlen6 < cfg.pool_ipv6.prefixlen:
+            raise _err("routed.prefixlen6", f"/{cfg.prefixlen6} is larger than pool.ipv6 {cfg.pool_ipv6}")
     if cfg.pool_ipv6 is not None:
         if cfg.pool_ipv6.prefixlen > 120:
             raise _err("pool.ipv6", f"{cfg.pool_ipv6} is too small (at most /120)")

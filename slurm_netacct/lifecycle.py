@@ -6,12 +6,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import ipaddress
+
 from . import accounting, naming, netns, store
+from .accounting import NodePlan
 from .config import Config
 from .errors import SetupError
 from .log import get as get_log
 
 STATE_COMPLETED = "completed"
+RESOLV_CONF = Path("/etc/resolv.conf")
 STATE_LOST = "lost"  # the job's namespace was gone before its counters could be read
 
 
@@ -25,23 +29,26 @@ class JobNames:
     host_if: str
 
     @classmethod
-    def of(cls, cfg: Config, job_id: int) -> "JobNames":
-        name = naming.netns_name(cfg.netns_prefix, job_id)
+    def of(cls, cfg: Config, job_id: int, host: str | None = None) -> "JobNames":
+        try:
+            name = naming.netns_name(cfg.netns_prefix, job_id, host)
+        except ValueError as exc:
+            raise SetupError(str(exc)) from None
         return cls(job_id, name, cfg.netns_dir / name, naming.host_ifname(cfg.ifname_prefix, job_id))
 
 
-def index_range(cfg: Config) -> tuple[int, int]:
+def index_range(plan: NodePlan) -> tuple[int, int]:
     """Usable address indices: .0 is the network, .1 the gateway, the last the broadcast."""
-    last = cfg.pool_ipv4.num_addresses - 2
-    if cfg.pool_ipv6 is not None:
-        last = min(last, cfg.pool_ipv6.num_addresses - 1)
+    last = plan.pool4.num_addresses - 2
+    if plan.pool6 is not None:
+        last = min(last, plan.pool6.num_addresses - 1)
     return 2, last
 
 
-def addresses(cfg: Config, idx: int) -> netns.JobAddresses:
+def addresses(plan: NodePlan, idx: int) -> netns.JobAddresses:
     """The job's addresses for lease index idx (the same offset in both pools)."""
-    v6 = cfg.pool_ipv6[idx] if cfg.pool_ipv6 is not None else None
-    return netns.JobAddresses(ipv4=cfg.pool_ipv4[idx], gateway4=cfg.pool_ipv4[1], ipv6=v6)
+    v6 = plan.pool6[idx] if plan.pool6 is not None else None
+    return netns.JobAddresses(ipv4=plan.pool4[idx], gateway4=plan.gateway4, ipv6=v6)
 
 
 def resolve_uplink(cfg: Config) -> str:
@@ -54,6 +61,31 @@ def resolve_uplink(cfg: Config) -> str:
     return uplink
 
 
+def loopback_resolver(resolv_conf: Path = RESOLV_CONF) -> ipaddress.IPv4Address | None:
+    """The first nameserver in resolv.conf if it is an IPv4 loopback address (a stub resolver
+    such as systemd-resolved's 127.0.0.53, which a job namespace cannot reach by itself)."""
+    try:
+        text = resolv_conf.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                addr = ipaddress.ip_address(parts[1])
+            except ValueError:
+                continue
+            return addr if isinstance(addr, ipaddress.IPv4Address) and addr.is_loopback else None
+    return None
+
+
+def node_plan(cfg: Config, node: str, uplink: str | None = None) -> NodePlan:
+    """Everything node-wide a job on `node` is built from."""
+    pool4, pool6 = cfg.node_pools(node)
+    stub = loopback_resolver() if cfg.dns == "auto" else None
+    return NodePlan(node=node, uplink=uplink or resolve_uplink(cfg), pool4=pool4, pool6=pool6, dns_stub=stub)
+
+
 def setup_job(cfg: Config, info: store.JobInfo) -> JobNames:
     """Build the job's namespace, link, addresses, routes and counters; record its start.
 
@@ -64,8 +96,8 @@ def setup_job(cfg: Config, info: store.JobInfo) -> JobNames:
     names = JobNames.of(cfg, info.job_id)
     jid = info.job_id
     backend = accounting.backend(cfg)
-    uplink = resolve_uplink(cfg)
-    db = store.connect(cfg.db)
+    plan = node_plan(cfg, info.node)
+    db = store.connect(cfg.db_for(info.node))
     try:
         row = store.job_row(db, info)
         if (row is not None and row["state"] == "running" and netns.is_netns(names.netns_path)
@@ -78,16 +110,18 @@ def setup_job(cfg: Config, info: store.JobInfo) -> JobNames:
 
         undo: list[tuple[str, Callable[[], object]]] = []
         try:
-            first, last = index_range(cfg)
-            idx = store.lease(db, jid, names.netns, first, last)
-            undo.append(("lease", lambda: store.release(db, jid)))
-            addrs = addresses(cfg, idx)
+            first, last = index_range(plan)
+            idx = store.lease(db, info.node, jid, names.netns, first, last)
+            undo.append(("lease", lambda: store.release(db, info.node, jid)))
+            addrs = addresses(plan, idx)
             netns.create(names.netns_path)
             undo.append(("netns", lambda: netns.remove(names.netns_path)))
             undo.append(("link", lambda: netns.delete_link(names.host_if)))
             netns.build_link(names.netns_path, names.host_if, naming.JOB_IFNAME, addrs)
-            backend.install(cfg, names.netns_path)
-            ensure_node(cfg, backend, uplink)
+            if plan.dns_stub is not None:  # the node must route the redirected queries to 127/8
+                netns.set_sysctl(f"net/ipv4/conf/{names.host_if}/route_localnet", "1")
+            backend.install(cfg, names.netns_path, plan)
+            ensure_node(cfg, backend, plan)
             store.record_start(db, info, names.netns, str(addrs.ipv4),
                                str(addrs.ipv6) if addrs.ipv6 else None, backend.name)
         except BaseException as exc:
@@ -98,19 +132,20 @@ def setup_job(cfg: Config, info: store.JobInfo) -> JobNames:
                 except Exception as undo_exc:  # keep undoing the rest
                     log.error("job %d: rollback of %s failed: %s", jid, what, undo_exc)
             raise
-        log.info("job %d: set up %s, %s %s%s via %s (%s)", jid, names.netns, names.host_if,
-                 addrs.ipv4, f" {addrs.ipv6}" if addrs.ipv6 else "", uplink, backend.name)
+        log.info("job %d: set up %s, %s %s%s via %s (%s, %s%s)", jid, names.netns, names.host_if,
+                 addrs.ipv4, f" {addrs.ipv6}" if addrs.ipv6 else "", plan.uplink, backend.name,
+                 cfg.mode, f", DNS to {plan.dns_stub}" if plan.dns_stub else "")
         return names
     finally:
         db.close()
 
 
-def ensure_node(cfg: Config, backend: accounting.Backend, uplink: str) -> None:
-    """Node-wide settings every job needs: forwarding on, the pool masqueraded on the uplink."""
+def ensure_node(cfg: Config, backend: accounting.Backend, plan: NodePlan) -> None:
+    """Node-wide settings every job needs: forwarding on, NAT (and DNS redirect) rules."""
     netns.set_sysctl("net/ipv4/ip_forward", "1")
-    if cfg.pool_ipv6 is not None:
+    if plan.pool6 is not None:
         netns.set_sysctl("net/ipv6/conf/all/forwarding", "1")
-    backend.install_node(cfg, uplink)
+    backend.install_node(cfg, plan)
 
 
 def _remove_objects(names: JobNames) -> None:
@@ -140,7 +175,7 @@ def teardown_job(cfg: Config, info: store.JobInfo) -> str:
     log = get_log()
     names = JobNames.of(cfg, info.job_id)
     jid = info.job_id
-    db = store.connect(cfg.db)
+    db = store.connect(cfg.db_for(info.node))
     try:
         row = store.job_row(db, info)
         if netns.delete_link(names.host_if):
@@ -162,7 +197,7 @@ def teardown_job(cfg: Config, info: store.JobInfo) -> str:
             state = row["state"] if row else "none"
         if netns.remove(names.netns_path):
             log.info("job %d: namespace %s removed", jid, names.netns)
-        store.release(db, jid)
+        store.release(db, info.node, jid)
         return state
     finally:
         db.close()

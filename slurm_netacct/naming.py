@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 # SLURM job ids are uint32; 0xfffffffe (NO_VAL) and 0xffffffff (INFINITE) are sentinels.
@@ -13,7 +14,8 @@ NODE_NFT_TABLE = "netacct_node"  # the node-side NAT table (one per node, shared
 IPT_CHAIN_PREFIX = "NETACCT"  # iptables chains: NETACCT_OUT, NETACCT_IN, NETACCT_<CLASS>_<DIR>
 
 _JOB_ID_RE = re.compile(r"[1-9][0-9]{0,9}")
-_PREFIX_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
+_PREFIX_RE = re.compile(r"(?:[A-Za-z0-9._-]|%h){1,32}")
+_NODE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _IFPREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,3}")
 MAX_JOB_ID_DIGITS = 10
 
@@ -38,8 +40,32 @@ def parse_job_id(value: str | int | None) -> int:
 
 
 def valid_netns_prefix(prefix: str) -> bool:
-    """True if prefix can start a namespace file name (no '/', no dot-only names)."""
+    """True if prefix can start a namespace file name (no '/', no dot-only names).
+
+    '%h' stands for the host's short name (as in slurm.conf): for several slurmd on one
+    machine, each in a UTS namespace of its own, which otherwise share /run/netns.
+    """
     return bool(_PREFIX_RE.fullmatch(prefix)) and prefix not in {".", ".."}
+
+
+def valid_host_name(host: str) -> bool:
+    """True if host is safe to put into a file name."""
+    return bool(_NODE_RE.fullmatch(host)) and host not in {".", ".."}
+
+
+def short_hostname() -> str:
+    """The host name up to its first dot (what the SPANK plugin uses for %h too)."""
+    return os.uname().nodename.split(".")[0]
+
+
+def expand_prefix(prefix: str, host: str | None = None) -> str:
+    """The prefix with %h replaced by the host's short name."""
+    if "%h" not in prefix:
+        return prefix
+    host = short_hostname() if host is None else host
+    if not valid_host_name(host):
+        raise ValueError(f"host name {host[:64]!r} cannot be part of a namespace name")
+    return prefix.replace("%h", host)
 
 
 def valid_ifname_prefix(prefix: str) -> bool:
@@ -47,9 +73,9 @@ def valid_ifname_prefix(prefix: str) -> bool:
     return bool(_IFPREFIX_RE.fullmatch(prefix)) and len(prefix) + MAX_JOB_ID_DIGITS < IFNAMSIZ
 
 
-def netns_name(prefix: str, job_id: int) -> str:
+def netns_name(prefix: str, job_id: int, host: str | None = None) -> str:
     """Name of the job's network namespace (a file under /run/netns)."""
-    return f"{prefix}{job_id}"
+    return f"{expand_prefix(prefix, host)}{job_id}"
 
 
 def host_ifname(ifname_prefix: str, job_id: int) -> str:

@@ -106,7 +106,7 @@ def create(path: Path) -> None:
     try:
         prnetns.create(str(path))
     except FileExistsError:
-        raise
+        raise SetupError(f"network namespace {path} already exists (made by something else)") from None
     except OSError as exc:
         raise SetupError(f"cannot create network namespace {path}: {exc}") from None
 

@@ -78,8 +78,9 @@ def _ensure_schema(db: sqlite_utils.Database) -> None:
         db.conn.execute("PRAGMA journal_mode=WAL")  # no-op inside a transaction if already WAL
         db["jobs"].create(JOB_COLUMNS, pk=("job_id", "node", "restart"), not_null={"job_id", "node", "restart", "state"}, if_not_exists=True)
         db["traffic"].create(TRAFFIC_COLUMNS, pk=("job_id", "node", "restart", "class"), if_not_exists=True)
-        db["leases"].create({"idx": int, "job_id": int, "netns": str, "since": str}, pk="idx", if_not_exists=True)
-        db["leases"].create_index(["job_id"], unique=True, if_not_exists=True)
+        db["leases"].create({"node": str, "idx": int, "job_id": int, "netns": str, "since": str},
+                            pk=("node", "idx"), if_not_exists=True)
+        db["leases"].create_index(["node", "job_id"], unique=True, if_not_exists=True)
         db["jobs"].create_index(["start"], if_not_exists=True)
         db.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     db.conn.execute("PRAGMA journal_mode=WAL")
@@ -107,15 +108,16 @@ def immediate(db: sqlite_utils.Database) -> Iterator[None]:
         conn.execute("COMMIT")
 
 
-def lease(db: sqlite_utils.Database, job_id: int, netns: str, first: int, last: int) -> int:
-    """The job's address index in first..last: its existing lease, or the lowest free one."""
+def lease(db: sqlite_utils.Database, node: str, job_id: int, netns: str, first: int, last: int) -> int:
+    """The job's address index on node in first..last: its lease, or the lowest free one."""
     with immediate(db):
-        row = db.conn.execute("SELECT idx FROM leases WHERE job_id = ?", (job_id,)).fetchone()
+        row = db.conn.execute("SELECT idx FROM leases WHERE node = ? AND job_id = ?",
+                              (node, job_id)).fetchone()
         if row:
             return int(row[0])
         taken = db.conn.execute(
-            "SELECT idx FROM leases WHERE idx BETWEEN ? AND ? ORDER BY idx", (first, last)
-        ).fetchall()
+            "SELECT idx FROM leases WHERE node = ? AND idx BETWEEN ? AND ? ORDER BY idx",
+            (node, first, last)).fetchall()
         idx = first
         for (t,) in taken:
             if t != idx:
@@ -123,19 +125,14 @@ def lease(db: sqlite_utils.Database, job_id: int, netns: str, first: int, last: 
             idx += 1
         if idx > last:
             raise PoolExhaustedError(f"address pool exhausted: all {last - first + 1} addresses are leased")
-        db.conn.execute("INSERT INTO leases (idx, job_id, netns, since) VALUES (?, ?, ?, ?)",
-                        (idx, job_id, netns, now_iso()))
+        db.conn.execute("INSERT INTO leases (node, idx, job_id, netns, since) VALUES (?, ?, ?, ?, ?)",
+                        (node, idx, job_id, netns, now_iso()))
         return idx
 
 
-def release(db: sqlite_utils.Database, job_id: int) -> None:
+def release(db: sqlite_utils.Database, node: str, job_id: int) -> None:
     with immediate(db):
-        db.conn.execute("DELETE FROM leases WHERE job_id = ?", (job_id,))
-
-
-def leases(db: sqlite_utils.Database) -> dict[int, int]:
-    """job_id -> address index of every lease on this node."""
-    return {int(j): int(i) for i, j in db.conn.execute("SELECT idx, job_id FROM leases")}
+        db.conn.execute("DELETE FROM leases WHERE node = ? AND job_id = ?", (node, job_id))
 
 
 def job_row(db: sqlite_utils.Database, info: JobInfo) -> dict[str, Any] | None:

@@ -117,9 +117,13 @@ static int set_prefix(struct netacct_conf *c, const char *val)
 		return -1;
 	}
 	for (i = 0; i < len; i++) {
+		if (val[i] == '%' && val[i + 1] == 'h') {
+			i++;    /* %h: the short host name, expanded per task */
+			continue;
+		}
 		if (!prefix_char_ok(val[i])) {
-			netacct_err("prefix=%s: only A-Z a-z 0-9 . _ - allowed",
-				    val);
+			netacct_err("prefix=%s: only A-Z a-z 0-9 . _ - and %%h "
+				    "allowed", val);
 			return -1;
 		}
 	}
@@ -203,25 +207,66 @@ static int netacct_parse_args(int ac, char **av, struct netacct_conf *c)
 	return 0;
 }
 
+/* A host name that may become part of a file name: [A-Za-z0-9._-]{1,64}. */
+static int node_name_ok(const char *node)
+{
+	size_t i, len = node ? strlen(node) : 0;
+
+	if (len == 0 || len > 64 || strcmp(node, ".") == 0 ||
+	    strcmp(node, "..") == 0)
+		return 0;
+	for (i = 0; i < len; i++)
+		if (!prefix_char_ok(node[i]))
+			return 0;
+	return 1;
+}
+
 /*
- * Write <netns_dir>/<prefix><jobid> into buf.  Returns 0, or -1 (reported).
+ * Write <netns_dir>/<prefix><jobid> into buf, with %h in the prefix replaced
+ * by node, the short host name (as slurm_netacct.naming.netns_name does).  Returns 0, or -1
+ * (reported).
  */
 static int netacct_build_path(const struct netacct_conf *c, uint32_t jobid,
-			      char *buf, size_t len)
+			      const char *node, char *buf, size_t len)
 {
+	char prefix[PATH_MAX];
+	const char *p;
+	size_t o = 0;
 	int n;
 
 	if (jobid == 0 || jobid > NETACCT_JOBID_MAX) {
 		netacct_err("invalid job id %u", (unsigned int) jobid);
 		return -1;
 	}
-	n = snprintf(buf, len, "%s/%s%u", c->netns_dir, c->prefix,
-		     (unsigned int) jobid);
-	if (n < 0 || (size_t) n >= len) {
-		netacct_err("namespace path for job %u too long", jobid);
-		return -1;
+	for (p = c->prefix; *p; p++) {
+		if (p[0] == '%' && p[1] == 'h') {
+			if (!node_name_ok(node)) {
+				netacct_err("prefix=%s needs the host name, and "
+					    "'%s' is not usable", c->prefix,
+					    node ? node : "");
+				return -1;
+			}
+			n = snprintf(prefix + o, sizeof(prefix) - o, "%s",
+				     node);
+			if (n < 0 || (size_t) n >= sizeof(prefix) - o)
+				goto toolong;
+			o += (size_t) n;
+			p++;
+			continue;
+		}
+		if (o + 1 >= sizeof(prefix))
+			goto toolong;
+		prefix[o++] = *p;
 	}
+	prefix[o] = '\0';
+	n = snprintf(buf, len, "%s/%s%u", c->netns_dir, prefix,
+		     (unsigned int) jobid);
+	if (n < 0 || (size_t) n >= len)
+		goto toolong;
 	return 0;
+toolong:
+	netacct_err("namespace path for job %u too long", jobid);
+	return -1;
 }
 
 #ifndef NETACCT_NSPATH_MAIN
@@ -262,6 +307,7 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 {
 	char path[PATH_MAX] = "";
 	char msg[PATH_MAX + 256] = "";
+	char node[256] = "";
 	uint32_t jobid = 0;
 	spank_err_t serr;
 	int fd = -1;
@@ -280,7 +326,11 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 			 spank_strerror(serr));
 		goto done;
 	}
-	if (netacct_build_path(&conf, jobid, path, sizeof(path)) < 0) {
+	/* The short host name for a prefix with %h, as the prolog sees it.
+	 * (Not $SLURMD_NODENAME: srun passes its own environment on.) */
+	if (gethostname(node, sizeof(node) - 1) == 0)
+		node[strcspn(node, ".")] = '\0';
+	if (netacct_build_path(&conf, jobid, node, path, sizeof(path)) < 0) {
 		snprintf(msg, sizeof(msg), "job %u: cannot build the network "
 			 "namespace path", jobid);
 		goto done;
@@ -373,8 +423,16 @@ int main(int argc, char **argv)
 		return 2;
 	if (netacct_parse_jobid(argv[argc - 1], &jobid) < 0)
 		return 2;
-	if (netacct_build_path(&conf, jobid, path, sizeof(path)) < 0)
-		return 2;
+	/* %h in the prefix: the short host name, as in a task. */
+	{
+		char host[256] = "";
+
+		if (gethostname(host, sizeof(host) - 1) == 0)
+			host[strcspn(host, ".")] = '\0';
+		if (netacct_build_path(&conf, jobid, host, path,
+				       sizeof(path)) < 0)
+			return 2;
+	}
 	if (printf("%s\n", path) < 0 || fflush(stdout) != 0)
 		return 1;
 	return 0;

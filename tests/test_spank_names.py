@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,30 @@ def test_c_and_python_reject_the_same_ids(job: str) -> None:
     r = c_path(job)
     assert r.returncode == 2 and r.stdout == ""
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _nspath_on_host(hostname: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """netacct-nspath in a UTS namespace of its own whose host name is `hostname`."""
+    code = "import os, socket, sys; socket.sethostname(sys.argv[1]); os.execv(sys.argv[2], sys.argv[2:])"
+    return subprocess.run(["unshare", "--uts", sys.executable, "-c", code, hostname, str(NSPATH), *args],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("host, short", [("n1", "n1"), ("cn0042.cluster.example", "cn0042"), ("node-7", "node-7")])
+def test_c_and_python_agree_with_the_host_name_in_the_prefix(host: str, short: str) -> None:
+    cfg = config.parse({"netns_prefix": "acct-%h-"})
+    r = _nspath_on_host(host, "prefix=acct-%h-", "4242")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(JobNames.of(cfg, 4242, short).netns_path) == f"/run/netns/acct-{short}-4242"
+
+
+def test_unusable_host_names_are_refused() -> None:
+    for host in ("", "..", "a/b", "x" * 65):
+        with pytest.raises(ValueError):
+            naming.netns_name("acct-%h-", 1, host)
+    for host in ("..", "a/b"):
+        r = _nspath_on_host(host, "prefix=acct-%h-", "1")
+        assert r.returncode == 2 and r.stdout == "" and "host name" in r.stderr
 
 
 def test_boundaries() -> None:

@@ -159,28 +159,67 @@ def test_nft_ruleset_has_named_counters_for_every_class_and_direction() -> None:
     assert "set lan_v4 { type ipv4_addr; flags interval; auto-merge; elements = { 100.64.0.0/16, 10.0.0.0/8 } }" in text
     assert "set lan_v6 { type ipv6_addr; flags interval; auto-merge; elements = { fd00:1::/64, fc00::/7 } }" in text
     # first match wins: the lan set is tested before hpc, the default counts what is left
-    out_chain = text.split("chain output")[1].split("}")[0:]
+    out_chain = text.split("chain count_out")[1].split("}")[0:]
     body = "}".join(out_chain)
     assert body.index("@lan_v4") < body.index("@hpc_v4") < body.index('counter name "wan_out"')
 
 
 # ----------------------------------------------------------------------------- addresses
 
+def _plan(cfg: config.Config, node: str = "n1") -> accounting.NodePlan:
+    pool4, pool6 = cfg.node_pools(node)
+    return accounting.NodePlan(node=node, uplink="eth0", pool4=pool4, pool6=pool6)
+
+
 def test_address_indices_skip_network_gateway_broadcast() -> None:
     cfg = config.parse({"pool": {"ipv4": "100.64.0.0/29", "ipv6": "fd00::/120"}})
-    assert index_range(cfg) == (2, 6)
-    a = addresses(cfg, 2)
+    plan = _plan(cfg)
+    assert index_range(plan) == (2, 6)
+    a = addresses(plan, 2)
     assert (str(a.ipv4), str(a.gateway4), str(a.ipv6)) == ("100.64.0.2", "100.64.0.1", "fd00::2")
 
 
 def test_leases_reuse_the_lowest_free_index_and_run_out(tmp_path: Path) -> None:
     db = store.connect(tmp_path / "n.db")
-    assert [store.lease(db, j, f"ns{j}", 2, 4) for j in (1, 2, 3)] == [2, 3, 4]
-    assert store.lease(db, 2, "ns2", 2, 4) == 3  # idempotent for the same job
+    assert [store.lease(db, "n1", j, f"ns{j}", 2, 4) for j in (1, 2, 3)] == [2, 3, 4]
+    assert store.lease(db, "n1", 2, "ns2", 2, 4) == 3  # idempotent for the same job
     with pytest.raises(PoolExhaustedError):
-        store.lease(db, 9, "ns9", 2, 4)
-    store.release(db, 2)
-    assert store.lease(db, 9, "ns9", 2, 4) == 3
+        store.lease(db, "n1", 9, "ns9", 2, 4)
+    assert store.lease(db, "n2", 2, "ns2", 2, 4) == 2  # another node's leases are its own
+    store.release(db, "n1", 2)
+    assert store.lease(db, "n1", 9, "ns9", 2, 4) == 3
+
+
+def test_routed_mode_gives_each_node_its_own_prefix() -> None:
+    cfg = config.parse({"mode": "routed", "pool": {"ipv4": "100.64.0.0/16", "ipv6": "fd00:1::/48"},
+                        "routed": {"nodes": {"login": 200}}})
+    assert [str(p) for p in cfg.node_pools("n1")] == ["100.64.1.0/24", "fd00:1:0:1::/64"]
+    assert [str(p) for p in cfg.node_pools("cn0042")] == ["100.64.42.0/24", "fd00:1:0:2a::/64"]
+    assert str(cfg.node_pools("login")[0]) == "100.64.200.0/24"
+    assert str(_plan(cfg, "n7").gateway4) == "100.64.7.1"
+    with pytest.raises(ConfigError, match="no trailing number"):
+        cfg.node_pools("head")
+    with pytest.raises(ConfigError, match="holds only 256"):
+        cfg.node_pools("n256")
+    with pytest.raises(ConfigError, match="same index"):
+        config.parse({"mode": "routed", "routed": {"nodes": {"a": 1, "b": 1}}})
+    # NAT mode: every node uses the whole pool
+    assert str(config.parse({}).node_pools("n1")[0]) == "100.64.0.0/16"
+
+
+def test_routed_mode_masquerades_only_wan_bound_traffic() -> None:
+    cfg = config.parse({"mode": "routed"})
+    text = accounting.Nftables().node_ruleset(cfg, _plan(cfg, "n3"))
+    assert ('oifname "eth0" ip saddr 100.64.3.0/24 ip daddr { 100.64.0.0/16, 10.0.0.0/8, '
+            '172.16.0.0/12, 192.168.0.0/16 } return') in text
+    assert 'oifname "eth0" ip saddr 100.64.3.0/24 masquerade' in text
+    nat = accounting.Nftables().node_ruleset(config.parse({}), _plan(config.parse({})))
+    assert "return" not in nat and 'oifname "eth0" ip saddr 100.64.0.0/16 masquerade' in nat
+
+
+def test_db_path_expands_the_node_name() -> None:
+    cfg = config.parse({"db": "/var/lib/netacct/%n.db"})
+    assert str(cfg.db_for("n2")) == "/var/lib/netacct/n2.db"
 
 
 # ----------------------------------------------------------------------------- report

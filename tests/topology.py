@@ -1,7 +1,8 @@
 """A hermetic test network, entirely in network namespaces made (and removed) by the tests.
 
-    job ns(es) --veth-- node --veth-- router --+-- lan server  10.77.0.10    fd00:77::10
-      (made by the prolog)   10.77.1.2          +-- wan server  198.51.100.10 2001:db8:100::10
+    job ns(es) --veth-- node(s) ---- br0 in router --+-- lan server  10.77.0.10    fd00:77::10
+      (made by the prolog)  10.77.1.2, .3, ...         +-- wan server  198.51.100.10 2001:db8:100::10
+                            [controller 10.77.1.100]
 
 Nothing is configured in the machine's root namespace; no packet can leave the machine.
 """
@@ -53,16 +54,43 @@ def in_ns(ns: str, *argv: str, **kw: object) -> subprocess.CompletedProcess[str]
     return sh("nsenter", f"--net=/run/netns/{ns}", *argv, **kw)  # type: ignore[arg-type]
 
 
+CTL4 = "10.77.1.100"
+
+
 @dataclass
 class Topology:
-    """The sandbox: names are prefixed with a per-run tag so parallel runs never collide."""
+    """The sandbox: names are prefixed with a per-run tag so parallel runs never collide.
+
+    `nodes` are the names of the node namespaces (`<tag><name>`), each on the cluster LAN
+    bridge 10.77.1.0/24 at .2, .3, ...; with `controller`, a host `<tag>ctl` at .100.
+    """
 
     tag: str
+    nodes: tuple[str, ...] = ("node",)
+    controller: bool = False
     servers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
     def node(self) -> str:
-        return f"{self.tag}node"
+        return self.node_ns(0)
+
+    def node_ns(self, i: int) -> str:
+        return f"{self.tag}{self.nodes[i]}"
+
+    def node_addr(self, i: int) -> str:
+        return f"10.77.1.{2 + i}"
+
+    @property
+    def ctl(self) -> str:
+        return f"{self.tag}ctl"
+
+    @property
+    def hosts(self) -> list[tuple[str, str, str]]:
+        """(namespace, IPv4, IPv6) of every host on the cluster LAN."""
+        out = [(self.node_ns(i), self.node_addr(i), f"fd00:77:1::{2 + i:x}") for i in range(len(self.nodes))]
+        if self.controller:
+            out.append((self.ctl, CTL4, "fd00:77:1::100"))
+        return out
 
     @property
     def router(self) -> str:
@@ -78,7 +106,7 @@ class Topology:
 
     @property
     def namespaces(self) -> list[str]:
-        return [self.node, self.router, self.lan, self.wan]
+        return [h[0] for h in self.hosts] + [self.router, self.lan, self.wan]
 
     def _pair(self, ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
         sh("ip", "-n", ns_a, "link", "add", if_a, "type", "veth", "peer", "name", if_b, "netns", ns_b)
@@ -95,17 +123,21 @@ class Topology:
             for ns in self.namespaces:
                 sh("ip", "netns", "add", ns)
                 sh("ip", "-n", ns, "link", "set", "lo", "up")
-            self._pair(self.node, UPLINK, self.router, "n0")
+            sh("ip", "-n", self.router, "link", "add", "br0", "type", "bridge")
+            sh("ip", "-n", self.router, "link", "set", "br0", "up")
+            self._addr(self.router, "br0", "10.77.1.1/24", "fd00:77:1::1/64")
+            for i, (ns, a4, a6) in enumerate(self.hosts):
+                self._pair(ns, UPLINK, self.router, f"p{i}")
+                sh("ip", "-n", self.router, "link", "set", f"p{i}", "master", "br0")
+                self._addr(ns, UPLINK, f"{a4}/24", f"{a6}/64")
+                sh("ip", "-n", ns, "route", "add", "default", "via", "10.77.1.1")
+                sh("ip", "-n", ns, "-6", "route", "add", "default", "via", "fd00:77:1::1")
             self._pair(self.router, "l0", self.lan, "eth0")
             self._pair(self.router, "w0", self.wan, "eth0")
-            self._addr(self.node, UPLINK, f"{NODE4}/24", f"{NODE6}/64")
-            self._addr(self.router, "n0", "10.77.1.1/24", "fd00:77:1::1/64")
             self._addr(self.router, "l0", "10.77.0.1/24", "fd00:77::1/64")
             self._addr(self.router, "w0", "198.51.100.1/24", "2001:db8:100::1/64")
             self._addr(self.lan, "eth0", f"{LAN4}/24", f"{LAN6}/64")
             self._addr(self.wan, "eth0", f"{WAN4}/24", f"{WAN6}/64")
-            sh("ip", "-n", self.node, "route", "add", "default", "via", "10.77.1.1")
-            sh("ip", "-n", self.node, "-6", "route", "add", "default", "via", "fd00:77:1::1")
             for ns, gw4, gw6 in ((self.lan, "10.77.0.1", "fd00:77::1"),
                                  (self.wan, "198.51.100.1", "2001:db8:100::1")):
                 sh("ip", "-n", ns, "route", "add", "default", "via", gw4)

@@ -1,0 +1,124 @@
+"""Benchmark: a job's single-stream TCP throughput with N other jobs' accounting loaded.
+
+Measures, in the hermetic sandbox (tests/topology.py), with iperf3 to the LAN server:
+  bare      the node itself, no job namespace (the baseline)
+  job/0     one accounted job, no other job on the node
+  job/N     the same job with N other jobs set up on the node
+for each backend, and reports the ratios. Run as root:
+    .venv/bin/python bench/throughput.py --jobs 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from topology import LAN4, UPLINK, Topology  # noqa: E402
+
+from slurm_netacct import config, lifecycle, store  # noqa: E402
+from slurm_netacct.log import setup as setup_log  # noqa: E402
+
+IPERF_PORT = 5201
+
+
+def iperf(argv_prefix: list[str], seconds: int) -> float:
+    """One iperf3 run from wherever argv_prefix puts it; received bits per second."""
+    out = subprocess.run([*argv_prefix, "iperf3", "-c", LAN4, "-p", str(IPERF_PORT), "-t", str(seconds),
+                          "-J"], capture_output=True, text=True, check=True, timeout=seconds + 30).stdout
+    return float(json.loads(out)["end"]["sum_received"]["bits_per_second"])
+
+
+def measure(argv_prefix: list[str], seconds: int, reps: int) -> float:
+    return statistics.median(iperf(argv_prefix, seconds) for _ in range(reps))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=1000, help="other jobs loaded on the node")
+    ap.add_argument("--backends", default="nftables,iptables")
+    ap.add_argument("--seconds", type=int, default=3, help="length of one iperf3 run (whole seconds, >= 1)")
+    ap.add_argument("--reps", type=int, default=5, help="runs per point (median reported)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    if args.seconds < 1:  # iperf3 -t 0 means "forever"
+        ap.error("--seconds must be at least 1")
+
+    tag = f"bt{os.getpid() % 10000}-"
+    work = Path(tempfile.mkdtemp(prefix="netacct-bench-"))
+    topo = Topology(tag).up()
+    server = subprocess.Popen(["nsenter", f"--net=/run/netns/{topo.lan}", "iperf3", "-s", "-p", str(IPERF_PORT)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    results: dict[str, dict[str, float]] = {}
+    node_prefix = ["nsenter", f"--net=/run/netns/{topo.node}"]
+    try:
+        bare = measure(node_prefix, args.seconds, args.reps)
+        print(f"bare node: {bare / 1e9:.2f} Gbit/s", flush=True)
+        for backend in args.backends.split(","):
+            cfgp = work / f"{backend}.toml"
+            cfgp.write_text(f'uplink = "{UPLINK}"\nnetns_prefix = "{tag}{backend[:3]}-"\n'
+                            f'db = "{work}/{backend}.db"\nlog_file = "{work}/{backend}.log"\n'
+                            f'firewall = "{backend}"\n')
+            cfg = config.load(cfgp)
+            setup_log(cfg.log_file, "bench")
+            # The node side of setup must happen inside the sandbox node: join it for good.
+            pid = os.fork()
+            if pid == 0:
+                from slurm_netacct.netns import setns
+                setns(Path(f"/run/netns/{topo.node}"))
+                res = run_backend(cfg, cfgp, args)
+                (work / f"{backend}.json").write_text(json.dumps(res))
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            if status != 0:
+                raise SystemExit(f"{backend} run failed")
+            results[backend] = json.loads((work / f"{backend}.json").read_text())
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        topo.down()
+    print()
+    print(f"| backend | bare Gbit/s | job/0 Gbit/s | job/{args.jobs} Gbit/s | job/0 ÷ bare | job/{args.jobs} ÷ job/0 |")
+    print("|---|---|---|---|---|---|")
+    for b, r in results.items():
+        print(f"| {b} | {bare / 1e9:.2f} | {r['job0'] / 1e9:.2f} | {r['jobN'] / 1e9:.2f} | "
+              f"{r['job0'] / bare:.3f} | {r['jobN'] / r['job0']:.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"bare": bare, "jobs": args.jobs, "results": results}, indent=2))
+    return 0
+
+
+def run_backend(cfg: config.Config, cfg_path: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Runs inside the sandbox node: job/0, load N jobs, job/N, tear all down."""
+    measured = 1
+    lifecycle.setup_job(cfg, store.JobInfo(job_id=measured, node="bench"))
+    job_prefix = [str(ROOT / ".venv/bin/netacct-exec"), "--job", str(measured), "--"]
+    os.environ["NETACCT_CONFIG"] = str(cfg_path)
+    job0 = measure(job_prefix, args.seconds, args.reps)
+    print(f"{cfg.firewall}: job/0 {job0 / 1e9:.2f} Gbit/s", flush=True)
+    t0 = time.monotonic()
+    others = range(100000, 100000 + args.jobs)
+    for j in others:
+        lifecycle.setup_job(cfg, store.JobInfo(job_id=j, node="bench"))
+    t_setup = time.monotonic() - t0
+    jobn = measure(job_prefix, args.seconds, args.reps)
+    print(f"{cfg.firewall}: job/{args.jobs} {jobn / 1e9:.2f} Gbit/s (loading took {t_setup:.1f} s)", flush=True)
+    t0 = time.monotonic()
+    for j in [measured, *others]:
+        lifecycle.teardown_job(cfg, store.JobInfo(job_id=j, node="bench"))
+    t_down = time.monotonic() - t0
+    return {"job0": job0, "jobN": jobn, "setup_s": t_setup, "teardown_s": t_down}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""End to end with real SLURM daemons: slurmctld + two slurmd, the SPANK plugin, routed mode.
+
+The cluster lives in the sandbox (tests/topology.py): nodes n1 and n2 and the controller on
+the cluster LAN bridge, job prefixes routed (100.64.1.0/24 on n1, 100.64.2.0/24 on n2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, VENV_BIN, need_root
+from slurmharness import NodeSpec, SlurmCluster, ensure_user, make_workdir
+from topology import CTL4, LAN4, PORT, WAN4, Topology, in_ns
+
+USER = "netacct-test"
+BASE = f"nse{os.getpid() % 100000}-"
+JOB_PREFIX = f"{BASE}%h-"  # several slurmd share this host's /run/netns: the host name keeps them apart
+
+# Counts every IP packet crossing any job link of a node, from the node's side.
+LINK_COUNTERS = """
+table inet linkcount {
+  counter from_jobs { }
+  counter to_jobs { }
+  chain pre { type filter hook prerouting priority -300; policy accept;
+    icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect, mld-listener-query, mld-listener-report, mld-listener-done, mld2-listener-report } return
+    iifname "na*" meta nfproto { ipv4, ipv6 } counter name "from_jobs"
+  }
+  chain post { type filter hook postrouting priority 300; policy accept;
+    icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect, mld-listener-query, mld-listener-report, mld-listener-done, mld2-listener-report } return
+    oifname "na*" meta nfproto { ipv4, ipv6 } counter name "to_jobs"
+  }
+}
+"""
+
+
+@dataclass
+class Cluster:
+    topo: Topology
+    slurm: SlurmCluster
+    work: Path
+    config: Path
+
+    def report(self, *args: str) -> list[dict]:
+        dbs = [a for n in ("n1", "n2") if (self.work / f"{n}.db").exists() for a in ("--db", str(self.work / f"{n}.db"))]
+        r = subprocess.run([str(VENV_BIN / "netacct-report"), "--json", "--per-node", *dbs, *args],
+                           capture_output=True, text=True, env=dict(os.environ, NETACCT_CONFIG=str(self.config)))
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def submit(self, script: str, *args: str) -> tuple[int, str]:
+        """Submit as the unprivileged user, wait for the end; (job id, its output)."""
+        job = self.slurm.sbatch(script, "-o", "out-%j.txt", *args, user=USER)
+        state = self.slurm.wait_job(job, timeout=120)
+        out = self.slurm.job_dir(USER) / f"out-{job}.txt"
+        text = out.read_text() if out.exists() else ""
+        return job, f"{state}\n{text}"
+
+    def link_counts(self, node_i: int, reset: bool = True) -> dict[str, tuple[int, int]]:
+        verb = "reset" if reset else "list"
+        out = in_ns(self.topo.node_ns(node_i), "nft", "-j", verb, "counters", "table", "inet", "linkcount").stdout
+        return {c["counter"]["name"]: (c["counter"]["packets"], c["counter"]["bytes"])
+                for c in json.loads(out)["nftables"] if "counter" in c}
+
+
+def _routes(topo: Topology, config: Path, action: str) -> None:
+    nodes = [f"--node=n{i + 1}={topo.node_addr(i)}" for i in range(len(topo.nodes))]
+    hosts = [(topo.node_ns(i), f"n{i + 1}") for i in range(len(topo.nodes))] + [(topo.ctl, None), (topo.router, None)]
+    for ns, self_name in hosts:
+        argv = ["nsenter", f"--net=/run/netns/{ns}", str(VENV_BIN / "netacct-routes"), action]
+        if action == "install":
+            argv += nodes + ([f"--self={self_name}"] if self_name else [])
+        subprocess.run(argv, check=True, capture_output=True, text=True, env=dict(os.environ, NETACCT_CONFIG=str(config)))
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    need_root()
+    ensure_user(USER)
+    subprocess.run(["make", "-s", "-C", str(ROOT / "spank")], check=True)
+    topo = Topology(f"se{os.getpid() % 10000}-", nodes=("n1", "n2"), controller=True)
+    work = make_workdir("netacct-e2e")
+    shutil.copy(ROOT / "tests" / "traffic.py", work / "traffic.py")
+    shutil.copy(ROOT / "tests" / "pairs.py", work / "pairs.py")
+    config = work / "netacct.toml"
+    config.write_text(f'uplink = "up0"\nnetns_prefix = "{JOB_PREFIX}"\nmode = "routed"\n'
+                      f'db = "{work}/%n.db"\nlog_file = "{work}/netacct-%n.log"\n'
+                      '[pool]\nipv4 = "100.64.0.0/16"\n')
+    topo.up()
+    slurm = None
+    try:
+        _routes(topo, config, "install")
+        for i in range(len(topo.nodes)):
+            in_ns(topo.node_ns(i), "nft", "-f", "-", input=LINK_COUNTERS)
+        nodes = [NodeSpec(f"n{i + 1}", topo.node_ns(i), topo.node_addr(i), cpus=16) for i in range(len(topo.nodes))]
+        slurm = SlurmCluster(work, topo.ctl, CTL4, nodes, prolog=str(ROOT / "prolog"), epilog=str(ROOT / "epilog"),
+                             plugstack_lines=[f"required {ROOT}/spank/netacct.so netns_dir=/run/netns prefix={JOB_PREFIX}"],
+                             extra_env={"NETACCT_CONFIG": str(config)})
+        slurm.start()
+        yield Cluster(topo, slurm, work, config)
+    finally:
+        if slurm is not None:
+            slurm.stop()
+        try:
+            leftovers = [n for n in os.listdir("/run/netns") if n.startswith(BASE)]
+            for i in range(len(topo.nodes)):
+                links = in_ns(topo.node_ns(i), "ip", "-o", "link").stdout
+                leftovers += re.findall(r"^\d+: (na\d+)[@:]", links, re.M)
+            _routes(topo, config, "remove")
+            for ns, *_ in topo.hosts:
+                if "proto 222" in in_ns(ns, "ip", "route").stdout:
+                    leftovers.append(f"route in {ns}")
+        finally:
+            topo.down()
+        assert leftovers == [], f"left behind: {leftovers}"
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _servers(c: Cluster) -> None:
+    c.topo.reset_servers()
+
+
+def test_batch_script_and_srun_steps_are_accounted(cluster: Cluster) -> None:
+    _servers(cluster)
+    cluster.link_counts(0)
+    script = f"""#!/bin/bash
+#SBATCH -N1 -w n1
+set -e
+ip -o -4 addr show dev eth0 | awk '{{print "addr", $4}}'
+python3 {cluster.work}/traffic.py tcp-up {LAN4} {PORT} 3000000
+srun -n1 python3 {cluster.work}/traffic.py tcp-down {WAN4} {PORT} 2000000
+srun -n1 ip -o -4 addr show dev eth0 | awk '{{print "step", $4}}'
+scontrol show job $SLURM_JOB_ID | grep -q JobState=RUNNING && echo scontrol-ok
+"""
+    job, out = cluster.submit(script)
+    assert out.startswith("COMPLETED"), out + cluster.slurm.dump_logs(40)
+    addr = re.search(r"^addr (100\.64\.1\.\d+)/32$", out, re.M)
+    assert addr, out  # the batch script itself runs in the job's namespace (n1's prefix)
+    assert f"step {addr.group(1)}/32" in out  # and so does the srun step
+    assert "scontrol-ok" in out and "3000000" in out and "2000000" in out
+    cluster.topo.wait_quiet()
+    lan, wan = cluster.topo.server_counts("lan"), cluster.topo.server_counts("wan")
+    link = cluster.link_counts(0)
+    [rec] = cluster.report("-j", str(job))
+    assert rec["user"] == USER and rec["nodes"] == ["n1"] and rec["state"] == "completed"
+    t = rec["traffic"]
+    # WAN: only the download; exactly what the WAN server saw at its IP layer.
+    assert (t["wan"]["out_packets"], t["wan"]["out_bytes"]) == wan["rx"]
+    assert (t["wan"]["in_packets"], t["wan"]["in_bytes"]) == wan["tx"]
+    assert t["wan"]["in_bytes"] > 2_000_000
+    # LAN: the upload, plus SLURM's own traffic (srun <-> slurmctld/slurmstepd) made in the job.
+    assert t["lan"]["out_bytes"] >= lan["rx"][1] > 3_000_000
+    assert t["lan"]["in_bytes"] >= lan["tx"][1]
+    # Every byte that crossed the job's link is counted once, in exactly one class.
+    assert t["lan"]["out_bytes"] + t["wan"]["out_bytes"] == link["from_jobs"][1]
+    assert t["lan"]["in_bytes"] + t["wan"]["in_bytes"] == link["to_jobs"][1]
+    assert t["lan"]["out_packets"] + t["wan"]["out_packets"] == link["from_jobs"][0]
+
+
+def test_two_node_job_exchanges_an_exact_payload_as_lan(cluster: Cluster) -> None:
+    _servers(cluster)
+    script = f"""#!/bin/bash
+#SBATCH -N2 -n2 --ntasks-per-node=1
+set -e
+srun -N2 -n2 python3 {cluster.work}/pairs.py rendezvous-$SLURM_JOB_ID 4000000
+"""
+    job, out = cluster.submit(script)
+    assert out.startswith("COMPLETED"), out + cluster.slurm.dump_logs(40)
+    assert "received 4000000 from 100.64.2." in out or "received 4000000 from 100.64.1." in out, out
+    [rec] = cluster.report("-j", str(job))
+    assert rec["nodes"] == ["n1", "n2"]
+    per = rec["per_node"]
+    # rank 0 listens, rank 1 sends: whichever node each landed on, one received >4 MB, the other sent it.
+    sent = max(per["n1"]["lan"]["out_bytes"], per["n2"]["lan"]["out_bytes"])
+    got = max(per["n1"]["lan"]["in_bytes"], per["n2"]["lan"]["in_bytes"])
+    assert sent > 4_000_000 and got > 4_000_000, json.dumps([out, rec])
+    for n in ("n1", "n2"):
+        assert per[n]["wan"] == {"in_bytes": 0, "out_bytes": 0, "in_packets": 0, "out_packets": 0}
+    assert rec["traffic"]["lan"]["out_bytes"] == per["n1"]["lan"]["out_bytes"] + per["n2"]["lan"]["out_bytes"]
+    assert cluster.topo.server_counts("wan") == {"rx": (0, 0), "tx": (0, 0)}
+
+
+def test_job_array_of_20_lands_at_once_and_every_task_is_accounted(cluster: Cluster) -> None:
+    _servers(cluster)
+    script = f"""#!/bin/bash
+#SBATCH --array=0-19 -n1
+python3 {cluster.work}/traffic.py tcp-up {WAN4} {PORT} 100000 > /dev/null
+ip -o -4 addr show dev eth0 | awk '{{print $4}}'
+sleep 1
+"""
+    array = cluster.slurm.sbatch(script, "-o", "arr-%A_%a.txt", user=USER)
+    states = cluster.slurm.wait_array(array, timeout=180)
+    assert len(states) == 20 and set(states.values()) == {"COMPLETED"}, states
+    cluster.topo.wait_quiet()
+    wan = cluster.topo.server_counts("wan")
+    jobs = [r for r in cluster.report() if r["start"] and r["user"] == USER]
+    recs = [r for r in jobs if r["job_id"] in {rec["JobId"] for rec in cluster.slurm.jobcomp_records()
+                                                if rec.get("ArrayJobId") == str(array)}]
+    assert len(recs) == 20 and all(r["state"] == "completed" for r in recs)
+    # Every task's WAN bytes, summed, are exactly what the WAN server received.
+    assert sum(r["traffic"]["wan"]["out_bytes"] for r in recs) == wan["rx"][1]
+    assert sum(r["traffic"]["wan"]["in_bytes"] for r in recs) == wan["tx"][1]
+    assert all(r["traffic"]["wan"]["out_bytes"] > 100_000 for r in recs)
+
+
+def test_a_missing_namespace_fails_the_task_loudly(cluster: Cluster) -> None:
+    script = """#!/bin/bash
+#SBATCH -N1 -w n2
+touch started-$SLURM_JOB_ID
+while [ ! -e go-$SLURM_JOB_ID ]; do sleep 0.1; done
+srun -n1 echo this-must-not-run
+echo "srun exit $?"
+"""
+    job = cluster.slurm.sbatch(script, "-o", "out-%j.txt", user=USER)
+    ns = Path(f"/run/netns/{BASE}n2-{job}")
+    deadline = time.monotonic() + 60
+    while not (cluster.slurm.job_dir(USER) / f"started-{job}").exists():  # the batch script runs
+        assert time.monotonic() < deadline, cluster.slurm.dump_logs(40)
+        time.sleep(0.1)
+    subprocess.run(["ip", "netns", "del", ns.name], check=True)  # an admin's mistake
+    (cluster.slurm.job_dir(USER) / f"go-{job}").touch()
+    cluster.slurm.wait_job(job, timeout=120)
+    out = (cluster.slurm.job_dir(USER) / f"out-{job}.txt").read_text()
+    assert "this-must-not-run" not in out
+    assert f"netacct: job {job}: cannot open network namespace" in out, out
+    assert re.search(r"srun exit [1-9]", out), out
+    assert "netacct" in cluster.slurm.slurmd_log("n2").read_text()
+    [rec] = cluster.report("-j", str(job))
+    assert rec["state"] == "lost"
