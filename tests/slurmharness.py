@@ -101,6 +101,9 @@ class NodeSpec:
     netns: str  # name of an existing network namespace under /run/netns, made by the caller
     addr: str  # IPv4 address of the node inside that namespace, reachable from the controller
     cpus: int = 4  # CPUs= in slurm.conf; may exceed the real machine (config_overrides is set)
+    # Shell commands run as root in a mount namespace of the slurmd's own (propagation slave:
+    # nothing mounted there leaks out) before it starts, e.g. a bind mount over /etc/resolv.conf.
+    mount_setup: str = ""
 
 
 def netns_path(name: str) -> Path:
@@ -412,7 +415,7 @@ class SlurmCluster:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _spawn(self, key: str, hostname: str, netns: str, argv: list[str]) -> None:
+    def _spawn(self, key: str, hostname: str, netns: str, argv: list[str], mount_setup: str = "") -> None:
         """Start ``argv`` with its own UTS namespace (hostname) inside network namespace ``netns``.
 
         ``unshare``, ``sh`` and ``nsenter`` each exec the next, so the Popen PID is the daemon's.
@@ -422,10 +425,14 @@ class SlurmCluster:
             raise HarnessError(f"network namespace {netns!r} does not exist ({ns})")
         inner = f"hostname {shlex.quote(hostname)} && exec nsenter --net={shlex.quote(str(ns))} -- "
         inner += shlex.join(argv)
+        unshare = ["unshare", "--uts"]
+        if mount_setup:
+            unshare += ["--mount", "--propagation", "slave"]
+            inner = f"{mount_setup} && {inner}"
         errf = open(self.log_dir / f"{key}.stderr", "ab")
         self._stderr_files.append(errf)
         proc = subprocess.Popen(
-            ["unshare", "--uts", "sh", "-c", inner],
+            [*unshare, "sh", "-c", inner],
             env=self.daemon_env(),
             stdin=subprocess.DEVNULL,
             stdout=errf,
@@ -475,7 +482,8 @@ class SlurmCluster:
             self._wait(deadline, "slurmctld to answer ping", self._ctld_up)
             self.timings["slurmctld"] = time.monotonic() - t0
             for n in self.nodes:
-                self._spawn(n.name, n.name, n.netns, ["slurmd", "-D", "-N", n.name, "-f", str(self.conf_path)])
+                self._spawn(n.name, n.name, n.netns, ["slurmd", "-D", "-N", n.name, "-f", str(self.conf_path)],
+                            n.mount_setup)
             self._wait(deadline, "all nodes to be IDLE", self._all_idle)
             self.timings["start"] = time.monotonic() - t0
         except BaseException:

@@ -1,7 +1,9 @@
-"""End to end with real SLURM daemons: slurmctld + two slurmd, the SPANK plugin, routed mode.
+"""End to end with real SLURM daemons: slurmctld + three slurmd, the SPANK plugin, routed mode.
 
-The cluster lives in the sandbox (tests/topology.py): nodes n1 and n2 and the controller on
-the cluster LAN bridge, job prefixes routed (100.64.1.0/24 on n1, 100.64.2.0/24 on n2).
+The cluster lives in the sandbox (tests/topology.py): nodes n1, n2, n3 and the controller on
+the cluster LAN bridge, job prefixes routed (100.64.<i>.0/24 on node n<i>). n3 resolves names
+through a loopback stub resolver (its /etc/resolv.conf says 127.0.0.53), as systemd-resolved
+nodes do; its slurmd runs in a mount namespace of its own where that is so.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class Cluster:
     config: Path
 
     def report(self, *args: str) -> list[dict]:
-        dbs = [a for n in ("n1", "n2") if (self.work / f"{n}.db").exists() for a in ("--db", str(self.work / f"{n}.db"))]
+        dbs = [a for p in sorted(self.work.glob("n*.db")) for a in ("--db", str(p))]
         r = subprocess.run([str(VENV_BIN / "netacct-report"), "--json", "--per-node", *dbs, *args],
                            capture_output=True, text=True, env=dict(os.environ, NETACCT_CONFIG=str(self.config)))
         assert r.returncode == 0, r.stderr
@@ -87,21 +89,28 @@ def cluster() -> Iterator[Cluster]:
     need_root()
     ensure_user(USER)
     subprocess.run(["make", "-s", "-C", str(ROOT / "spank")], check=True)
-    topo = Topology(f"se{os.getpid() % 10000}-", nodes=("n1", "n2"), controller=True)
+    topo = Topology(f"se{os.getpid() % 10000}-", nodes=("n1", "n2", "n3"), controller=True)
     work = make_workdir("netacct-e2e")
     shutil.copy(ROOT / "tests" / "traffic.py", work / "traffic.py")
     shutil.copy(ROOT / "tests" / "pairs.py", work / "pairs.py")
+    (work / "resolv.conf").write_text("nameserver 127.0.0.53\noptions timeout:2 attempts:2\n")
     config = work / "netacct.toml"
     config.write_text(f'uplink = "up0"\nnetns_prefix = "{JOB_PREFIX}"\nmode = "routed"\n'
                       f'db = "{work}/%n.db"\nlog_file = "{work}/netacct-%n.log"\n'
                       '[pool]\nipv4 = "100.64.0.0/16"\n')
     topo.up()
     slurm = None
+    stub = None
     try:
+        stub = subprocess.Popen(["nsenter", f"--net=/run/netns/{topo.node_ns(2)}", "python3",
+                                 str(ROOT / "tests" / "dnsstub.py"), "127.0.0.53", f"lanserver.netacct.test={LAN4}"],
+                                stdout=subprocess.PIPE)
+        assert stub.stdout is not None and stub.stdout.readline().strip() == b"ready"
         _routes(topo, config, "install")
         for i in range(len(topo.nodes)):
             in_ns(topo.node_ns(i), "nft", "-f", "-", input=LINK_COUNTERS)
         nodes = [NodeSpec(f"n{i + 1}", topo.node_ns(i), topo.node_addr(i), cpus=16) for i in range(len(topo.nodes))]
+        nodes[2].mount_setup = f"mount --bind {work}/resolv.conf /etc/resolv.conf"
         slurm = SlurmCluster(work, topo.ctl, CTL4, nodes, prolog=str(ROOT / "prolog"), epilog=str(ROOT / "epilog"),
                              plugstack_lines=[f"required {ROOT}/spank/netacct.so netns_dir=/run/netns prefix={JOB_PREFIX}"],
                              extra_env={"NETACCT_CONFIG": str(config)})
@@ -110,6 +119,9 @@ def cluster() -> Iterator[Cluster]:
     finally:
         if slurm is not None:
             slurm.stop()
+        if stub is not None:
+            stub.terminate()
+            stub.wait(timeout=10)
         try:
             leftovers = [n for n in os.listdir("/run/netns") if n.startswith(BASE)]
             for i in range(len(topo.nodes)):
@@ -169,7 +181,7 @@ scontrol show job $SLURM_JOB_ID | grep -q JobState=RUNNING && echo scontrol-ok
 def test_two_node_job_exchanges_an_exact_payload_as_lan(cluster: Cluster) -> None:
     _servers(cluster)
     script = f"""#!/bin/bash
-#SBATCH -N2 -n2 --ntasks-per-node=1
+#SBATCH -N2 -n2 --ntasks-per-node=1 -w n1,n2
 set -e
 srun -N2 -n2 python3 {cluster.work}/pairs.py rendezvous-$SLURM_JOB_ID 4000000
 """
@@ -236,3 +248,22 @@ echo "srun exit $?"
     assert "netacct" in cluster.slurm.slurmd_log("n2").read_text()
     [rec] = cluster.report("-j", str(job))
     assert rec["state"] == "lost"
+
+
+def test_dns_resolves_in_a_job_on_a_node_with_a_loopback_stub_resolver(cluster: Cluster) -> None:
+    script = f"""#!/bin/bash
+#SBATCH -N1 -w n3
+set -e
+grep nameserver /etc/resolv.conf
+getent ahostsv4 lanserver.netacct.test | head -n1
+srun -n1 python3 -c "import socket; print('srun', socket.gethostbyname('lanserver.netacct.test'))"
+python3 {cluster.work}/traffic.py tcp-up lanserver.netacct.test {PORT} 100000
+"""
+    job, out = cluster.submit(script)
+    assert out.startswith("COMPLETED"), out + cluster.slurm.dump_logs(40)
+    assert "nameserver 127.0.0.53" in out
+    assert re.search(rf"^{re.escape(LAN4)}\s+STREAM\s+lanserver.netacct.test", out, re.M), out
+    assert f"srun {LAN4}" in out and "100000" in out
+    [rec] = cluster.report("-j", str(job))
+    assert rec["nodes"] == ["n3"] and rec["traffic"]["lan"]["out_bytes"] > 100_000
+    assert rec["traffic"]["wan"]["out_packets"] == 0
