@@ -58,9 +58,13 @@ def test_concurrent_jobs_get_distinct_addresses(node: Node) -> None:
         assert p.wait(timeout=60) == 0, p.stderr.read() if p.stderr else ""
     addrs = {_addr(node, j) for j in jobs}
     assert len(addrs) == len(jobs)
-    for j in jobs:
-        node.epilog(j)
+    procs = [subprocess.Popen(["nsenter", f"--net=/run/netns/{node.topo.node}", str(Path(__file__).parents[1] / "epilog")],
+                              env=node.env(j), stderr=subprocess.PIPE, text=True) for j in jobs]
+    for p in procs:
+        assert p.wait(timeout=60) == 0, p.stderr.read() if p.stderr else ""
     assert len(_rows(node.db, "SELECT * FROM jobs WHERE state='completed'")) == len(jobs)
+    assert len(_rows(node.db, "SELECT DISTINCT job_id FROM traffic")) == len(jobs)
+    assert _rows(node.db, "SELECT * FROM leases") == []
 
 
 def test_a_failure_midway_rolls_back_everything(node: Node, tmp_path: Path) -> None:

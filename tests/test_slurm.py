@@ -205,13 +205,21 @@ def test_job_array_of_20_lands_at_once_and_every_task_is_accounted(cluster: Clus
     _servers(cluster)
     script = f"""#!/bin/bash
 #SBATCH --array=0-19 -n1
+set -e
 python3 {cluster.work}/traffic.py tcp-up {WAN4} {PORT} 100000 > /dev/null
-ip -o -4 addr show dev eth0 | awk '{{print $4}}'
-sleep 1
+echo "$(hostname) $(ip -o -4 addr show dev eth0 | awk '{{print $4}}')" > addr-$SLURM_ARRAY_JOB_ID-$SLURM_ARRAY_TASK_ID
+# a barrier: every task waits until all 20 run at once (or gives up after 60 s)
+for i in $(seq 600); do [ $(ls addr-$SLURM_ARRAY_JOB_ID-* | wc -l) -ge 20 ] && break; sleep 0.1; done
 """
     array = cluster.slurm.sbatch(script, "-o", "arr-%A_%a.txt", user=USER)
     states = cluster.slurm.wait_array(array, timeout=180)
     assert len(states) == 20 and set(states.values()) == {"COMPLETED"}, states
+    # All 20 ran at the same time (the barrier), so their (node, address) pairs must differ,
+    # and each address is from its node's own prefix (n<i> -> 100.64.<i>.0/24).
+    addrs = [p.read_text().split() for p in cluster.slurm.job_dir(USER).glob(f"addr-{array}-*")]
+    assert len(addrs) == 20 and len({tuple(a) for a in addrs}) == 20, addrs
+    for host, addr in addrs:
+        assert re.fullmatch(rf"100\.64\.{host[1:]}\.\d+/32", addr), (host, addr)
     cluster.topo.wait_quiet()
     wan = cluster.topo.server_counts("wan")
     jobs = [r for r in cluster.report() if r["start"] and r["user"] == USER]
