@@ -7,12 +7,13 @@ import json
 import os
 import pwd
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from decimal import Decimal
 from pathlib import Path
 
 from . import config as config_mod
 from . import naming, netns, report
-from .errors import EXIT_CODES, JobIdError, NetacctError, NoNamespaceError, UsageError
+from .errors import EXIT_CODES, JobIdError, NetacctError, NoNamespaceError, NotAllowedError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,17 +104,53 @@ def exec_main(argv: Sequence[str] | None = None) -> None:
 
 # --------------------------------------------------------------------------- netacct-report
 
+STATE_ALIASES = {"r": "running", "running": "running", "cd": "completed", "completed": "completed",
+                 "lost": "lost", "reconciled": "reconciled"}
+
+
 def report_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="netacct-report",
                 description="Per-job network traffic (bytes and packets, in and out, per class) "
-                            "from slurm-netacct node databases.",
+                            "from slurm-netacct node databases. Selection flags mean what they "
+                            "mean in sacct(1).",
                 epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-j", "--jobs", metavar="ID[,ID...]", action="append",
-                   help="only these job ids (repeatable, comma-separated)")
-    p.add_argument("--db", metavar="PATH", action="append", type=Path,
-                   help="node database to read (repeatable); default: the configured db")
-    p.add_argument("--json", action="store_true", help="print a JSON array, one object per job")
-    p.add_argument("--per-node", action="store_true", help="with --json: add a per-node breakdown")
+    sel = p.add_argument_group("selection (as in sacct)")
+    sel.add_argument("-j", "--jobs", metavar="ID[,ID...]", action="append",
+                     help="only these job ids")
+    sel.add_argument("-u", "--user", metavar="USER[,USER...]", action="append", help="only these users' jobs")
+    sel.add_argument("-A", "--accounts", metavar="ACCT[,ACCT...]", action="append", help="only these accounts")
+    sel.add_argument("-r", "--partition", metavar="PART[,PART...]", action="append", help="only these partitions")
+    sel.add_argument("-N", "--nodelist", metavar="NODE[,NODE...]", action="append",
+                     help="only jobs that ran on any of these nodes")
+    sel.add_argument("-S", "--starttime", metavar="TIME",
+                     help="jobs running at or after TIME (default: 00:00 today, unless -j or -s)")
+    sel.add_argument("-E", "--endtime", metavar="TIME", help="jobs that started at or before TIME (default: now)")
+    sel.add_argument("-s", "--state", metavar="STATE[,STATE...]", action="append",
+                     help="running (R), completed (CD), lost, reconciled")
+    sel.add_argument("-a", "--allusers", action="store_true",
+                     help="every user's jobs (the default for root and report admins)")
+    out = p.add_argument_group("output")
+    out.add_argument("-o", "--format", metavar="FIELD[%%WIDTH],...",
+                     help="columns to show; --helpformat lists them")
+    out.add_argument("--helpformat", action="store_true", help="list the fields -o accepts")
+    out.add_argument("-p", "--parsable", action="store_true", help="'|'-separated, with a trailing '|'")
+    out.add_argument("-P", "--parsable2", action="store_true", help="'|'-separated, no trailing '|'")
+    out.add_argument("-n", "--noheader", action="store_true", help="no header line")
+    out.add_argument("--json", action="store_true", help="a JSON array, one object per job or group")
+    out.add_argument("--csv", action="store_true", help="comma-separated values with a header")
+    out.add_argument("--units", metavar="[KMGTP]", choices=list("KMGTP"),
+                     help="bytes in this unit (powers of 1024); default: human-readable in the "
+                          "table, exact bytes in -p/-P/--csv/--json")
+    out.add_argument("--per-node", action="store_true", help="with --json: each job's traffic per node")
+    agg = p.add_argument_group("aggregation and billing")
+    agg.add_argument("--group-by", choices=report.GROUP_BY,
+                     help="totals per user, account, partition, node, day or month (of the job's start, UTC)")
+    agg.add_argument("--rates", metavar="FILE", type=Path, help="TOML prices per GB: adds a Cost column and a total")
+    src = p.add_argument_group("sources")
+    src.add_argument("--db", metavar="PATH", action="append", type=Path,
+                     help="a node database (repeatable); default: the configured db")
+    src.add_argument("--db-dir", metavar="DIR", action="append", type=Path,
+                     help="every *.db in DIR (node databases on a shared filesystem)")
     return p
 
 
@@ -130,28 +167,173 @@ def parse_job_list(values: list[str] | None) -> set[int] | None:
     return ids
 
 
+def _names(values: list[str] | None) -> frozenset[str] | None:
+    if not values:
+        return None
+    return frozenset(v.strip() for value in values for v in value.split(",") if v.strip())
+
+
+def _utc(text: str, flag: str) -> str:
+    from datetime import timezone
+
+    from . import timeparse
+
+    try:
+        local = timeparse.parse(text)
+    except ValueError as exc:
+        raise UsageError(f"netacct-report: {flag}: {exc}") from None
+    return local.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def viewer() -> tuple[str | None, bool]:
+    """(who asks, whether they are root): the sudo caller when run through sudo."""
+    if os.geteuid() == 0:
+        sudo_user, sudo_uid = os.environ.get("SUDO_USER"), os.environ.get("SUDO_UID")
+        if sudo_user and sudo_uid and sudo_uid != "0":
+            return sudo_user, False
+        return "root", True
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name, False
+    except KeyError:
+        return None, False
+
+
+def is_report_admin(cfg: config_mod.Config, user: str | None) -> bool:
+    import grp
+
+    if user is None:
+        return False
+    for entry in cfg.report_admins:
+        if entry.startswith("%"):
+            try:
+                g = grp.getgrnam(entry[1:])
+            except KeyError:
+                continue
+            if user in g.gr_mem or pwd.getpwnam(user).pw_gid == g.gr_gid:
+                return True
+        elif entry == user:
+            return True
+    return False
+
+
+def build_query(args: argparse.Namespace, cfg: config_mod.Config) -> report.Query:
+    from datetime import datetime
+
+    job_ids = parse_job_list(args.jobs)
+    users = _names(args.user)
+    states = None
+    if args.state:
+        states = set()
+        for s_ in _names(args.state) or ():
+            if s_.lower() not in STATE_ALIASES:
+                raise UsageError(f"netacct-report: -s/--state: unknown state {s_!r} "
+                                 "(running, completed, lost, reconciled)")
+            states.add(STATE_ALIASES[s_.lower()])
+    who, root = viewer()
+    if cfg.report_private and not root and not is_report_admin(cfg, who):
+        if who is None or (users is not None and users != {who}):
+            raise NotAllowedError(f"netacct-report: {who or 'you'} may see only their own jobs "
+                                  "(config [report] private = true)")
+        if args.allusers:
+            raise NotAllowedError("netacct-report: -a/--allusers is for root and report admins")
+        users = frozenset({who})
+    start = _utc(args.starttime, "-S/--starttime") if args.starttime else None
+    if start is None and job_ids is None and states is None:
+        midnight = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0)
+        start = _utc(midnight.strftime("%Y-%m-%dT%H:%M:%S"), "-S/--starttime")
+    end = _utc(args.endtime, "-E/--endtime") if args.endtime else None
+    return report.Query(job_ids=frozenset(job_ids) if job_ids else None, users=users,
+                        accounts=_names(args.accounts), partitions=_names(args.partition),
+                        nodes=_names(args.nodelist), states=frozenset(states) if states else None,
+                        start=start, end=end)
+
+
+def _live_overlay(cfg: config_mod.Config, records: Iterator[report.JobRecord]) -> Iterator[report.JobRecord]:
+    """Running jobs of this node get their current counters instead of the last sample."""
+    node = os.environ.get("SLURMD_NODENAME") or naming.short_hostname()
+    live: dict[int, dict[str, dict[str, int]]] | None = None
+    for rec in records:
+        if rec.state == "running" and node in rec.nodes and os.geteuid() == 0:
+            if live is None:
+                try:
+                    from . import sample
+                    live = sample.live_traffic(cfg, node)
+                except (ImportError, NetacctError):
+                    live = {}
+            if rec.job_id in live:
+                report.overlay_live(rec, node, live[rec.job_id])
+        yield rec
+
+
 def report_main(argv: Sequence[str] | None = None) -> None:
+    from . import render
+
     prog = "netacct-report"
     try:
         args = report_parser().parse_args(argv)
-        job_ids = parse_job_list(args.jobs)
+        modes = [m for m in ("parsable", "parsable2", "json", "csv") if getattr(args, m)]
+        if len(modes) > 1:
+            raise UsageError(f"{prog}: choose one of -p, -P, --json, --csv")
         cfg = config_mod.load()
-        paths = args.db or [cfg.db]
-        records = report.load(paths, job_ids)
-        classes = list(cfg.class_names)
-        for r in records:
-            for k in r.traffic:
-                if k not in classes:
-                    classes.append(k)
-            for k in classes:
-                r.traffic.setdefault(k, {f: 0 for f in report.FIELDS})
-        if args.json:
-            json.dump([r.as_json(args.per_node) for r in records], sys.stdout, indent=2)
-            sys.stdout.write("\n")
+        rates = None
+        if args.rates is not None:
+            from . import rates as rates_mod
+            rates = rates_mod.load(args.rates)
+        paths = list(args.db or [])
+        for d in args.db_dir or []:
+            paths += report.databases_in(d)
+        if not paths:
+            paths = [cfg.db_for(os.environ.get("SLURMD_NODENAME") or naming.short_hostname())]
+        query = build_query(args, cfg)
+        sources = report.unique_sources(paths)
+        classes = report.classes_in(sources)
+        for k in cfg.class_names:
+            if k not in classes:
+                classes.append(k)
+        if args.helpformat:
+            print(" ".join(render.available(classes, args.group_by, rates)))
+            return
+        cols = render.columns(args.format, classes, args.group_by, rates)
+        records = _live_overlay(cfg, report.iter_jobs(sources, query, classes))
+        decimals = rates.decimals if rates else 2
+        total = None
+        rows: Iterator[object]
+        if args.group_by:
+            groups = report.aggregate(records, args.group_by, rates)
+            if rates is not None:
+                total = sum((g.cost for g in groups), Decimal(0))
+            rows = iter(groups)
         else:
-            print(report.table(records, classes))
+            if rates is not None:
+                def priced(recs: Iterator[report.JobRecord]) -> Iterator[report.JobRecord]:
+                    for r in recs:
+                        r.cost = rates.cost(r.traffic)
+                        yield r
+                records = priced(records)
+            rows = records
+        out = sys.stdout
+        if args.json:
+            if args.group_by:
+                render.write_json(out, ({"group_by": args.group_by, "key": g.key, "jobs": g.jobs,
+                                         "traffic": g.traffic,
+                                         **({"cost": str(g.cost)} if rates else {})} for g in rows))  # type: ignore[attr-defined]
+            else:
+                render.write_json(out, (r.as_json(args.per_node) for r in rows))  # type: ignore[attr-defined]
+        elif args.parsable or args.parsable2:
+            render.write_parsable(out, rows, cols, not args.noheader, args.units, decimals, args.parsable)
+        elif args.csv:
+            render.write_csv(out, rows, cols, not args.noheader, args.units, decimals)
+        else:
+            if rates is not None and total is None:
+                rows_list = list(rows)
+                total = sum((r.cost for r in rows_list), Decimal(0))  # type: ignore[attr-defined]
+                rows = iter(rows_list)
+            render.write_table(out, rows, cols, not args.noheader, args.units, decimals, total)
     except NetacctError as exc:
         sys.exit(_fail(prog, exc))
+    except BrokenPipeError:  # `netacct-report ... | head`
+        sys.stderr.close()
+        sys.exit(0)
 
 
 # --------------------------------------------------------------------------- netacct-routes

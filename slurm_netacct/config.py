@@ -29,8 +29,9 @@ _ROUTED_KEYS = {"prefixlen4", "prefixlen6", "nodes"}
 
 _TOP_KEYS = {
     "uplink", "netns_prefix", "ifname_prefix", "db", "default_class", "firewall", "mode",
-    "log_file", "netns_dir", "pool", "classes", "routed", "dns",
+    "log_file", "netns_dir", "pool", "classes", "routed", "dns", "report",
 }
+_REPORT_KEYS = {"private", "admins"}
 _POOL_KEYS = {"ipv4", "ipv6", "class"}
 
 
@@ -48,6 +49,8 @@ class Config:
     mode: str = "nat"
     log_file: Path | None = None
     dns: str = "auto"  # redirect DNS to the node's loopback stub resolver, if it has one
+    report_private: bool = True  # non-admin users see only their own jobs (like PrivateData)
+    report_admins: tuple[str, ...] = ()  # user names, or %group, who see every job
     pool_ipv4: ipaddress.IPv4Network = ipaddress.IPv4Network("100.64.0.0/16")
     pool_ipv6: ipaddress.IPv6Network | None = None
     pool_class: str = "lan"  # parse(): "lan" if defined, else the first class listed
@@ -191,6 +194,22 @@ def parse(data: dict[str, Any]) -> Config:
         if dns not in DNS_MODES:
             raise _err("dns", f"{dns!r} is not one of {', '.join(DNS_MODES)}")
         kw["dns"] = dns
+
+    rep_ = data.get("report", {})
+    if not isinstance(rep_, dict):
+        raise _err("report", "must be a table")
+    for key in rep_:
+        if key not in _REPORT_KEYS:
+            raise _err(f"report.{key}", "unknown key")
+    if "private" in rep_:
+        if not isinstance(rep_["private"], bool):
+            raise _err("report.private", "must be true or false")
+        kw["report_private"] = rep_["private"]
+    if "admins" in rep_:
+        admins = rep_["admins"]
+        if not isinstance(admins, list) or not all(isinstance(a, str) and a for a in admins):
+            raise _err("report.admins", "must be a list of user names or %groups")
+        kw["report_admins"] = tuple(admins)
 
     routed = data.get("routed", {})
     if not isinstance(routed, dict):

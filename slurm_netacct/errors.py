@@ -51,6 +51,12 @@ class StoreError(NetacctError):
     exit_code = 8
 
 
+class NotAllowedError(NetacctError):
+    """The invoking user may not see what was asked for (private data)."""
+
+    exit_code = 9
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected internal error (a bug: please report it with the log)",
@@ -61,4 +67,5 @@ EXIT_CODES: dict[int, str] = {
     6: "the address pool is exhausted",
     7: "network setup or teardown failed",
     8: "database error",
+    9: "not allowed: another user's jobs (private data)",
 }

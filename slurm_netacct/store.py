@@ -16,13 +16,13 @@ import sqlite_utils
 
 from .errors import PoolExhaustedError, StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
 
 JOB_COLUMNS: dict[str, Any] = {
     "job_id": int, "node": str, "restart": int, "user": str, "uid": int, "account": str,
     "partition": str, "start": str, "end": str, "state": str, "netns": str,
-    "ipv4": str, "ipv6": str, "backend": str,
+    "ipv4": str, "ipv6": str, "backend": str, "sampled_at": str,
 }
 TRAFFIC_COLUMNS: dict[str, Any] = {
     "job_id": int, "node": str, "restart": int, "class": str,
@@ -73,8 +73,11 @@ def _ensure_schema(db: sqlite_utils.Database) -> None:
     if db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
         return
     with immediate(db):
-        if db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        version = db.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
             return
+        if version == 1:  # 0.1.0 development databases: add what version 2 added
+            db.conn.execute("ALTER TABLE jobs ADD COLUMN sampled_at TEXT")
         db.conn.execute("PRAGMA journal_mode=WAL")  # no-op inside a transaction if already WAL
         db["jobs"].create(JOB_COLUMNS, pk=("job_id", "node", "restart"), not_null={"job_id", "node", "restart", "state"}, if_not_exists=True)
         db["traffic"].create(TRAFFIC_COLUMNS, pk=("job_id", "node", "restart", "class"), if_not_exists=True)
@@ -82,6 +85,7 @@ def _ensure_schema(db: sqlite_utils.Database) -> None:
                             pk=("node", "idx"), if_not_exists=True)
         db["leases"].create_index(["node", "job_id"], unique=True, if_not_exists=True)
         db["jobs"].create_index(["start"], if_not_exists=True)
+        db["jobs"].create_index(["state"], if_not_exists=True)
         db.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     db.conn.execute("PRAGMA journal_mode=WAL")
 
@@ -181,3 +185,33 @@ def record_end(db: sqlite_utils.Database, info: JobInfo, state: str,
                     "class": klass, **{k: int(values[k]) for k in
                                        ("in_bytes", "out_bytes", "in_packets", "out_packets")},
                 }, pk=("job_id", "node", "restart", "class"))
+
+
+def running_jobs(db: sqlite_utils.Database, node: str | None = None) -> list[dict[str, Any]]:
+    """Rows of the jobs this database believes are running (on `node`, if given)."""
+    sql = "SELECT * FROM jobs WHERE state = 'running'"
+    params: tuple[Any, ...] = ()
+    if node is not None:
+        sql += " AND node = ?"
+        params = (node,)
+    cur = db.conn.execute(sql, params)
+    cols = [c[0] for c in cur.description]
+    return [dict(zip(cols, r)) for r in cur]
+
+
+def record_sample(db: sqlite_utils.Database, info: JobInfo,
+                  traffic: Mapping[str, Mapping[str, int]]) -> bool:
+    """Store a running job's current counters (the job stays running); False if the job is
+    no longer running here (its epilog won the race: the final numbers are already stored)."""
+    with immediate(db):
+        row = job_row(db, info)
+        if row is None or row["state"] != "running":
+            return False
+        for klass, values in traffic.items():
+            db["traffic"].upsert({
+                "job_id": info.job_id, "node": info.node, "restart": info.restart, "class": klass,
+                **{k: int(values[k]) for k in ("in_bytes", "out_bytes", "in_packets", "out_packets")},
+            }, pk=("job_id", "node", "restart", "class"))
+        db.conn.execute("UPDATE jobs SET sampled_at = ? WHERE job_id=? AND node=? AND restart=?",
+                        (now_iso(), info.job_id, info.node, info.restart))
+        return True

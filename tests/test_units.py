@@ -271,14 +271,6 @@ def test_human_bytes(n: int, text: str) -> None:
     assert report.human_bytes(n) == text
 
 
-def test_table_renders_each_class(tmp_path: Path) -> None:
-    a = _make_db(tmp_path / "a.db", "n1", [(7, 0, "completed", {"lan": (2048, 100, 1, 1), "wan": (0, 5 * 1024**2, 0, 9)})])
-    text = report.table(report.load([a]), ["lan", "wan"])
-    lines = text.splitlines()
-    assert lines[0].split() == ["JobID", "User", "Account", "Nodes", "State", "LAN-In", "LAN-Out", "WAN-In", "WAN-Out"]
-    assert lines[2].split() == ["7", "alice", "phys", "n1", "completed", "2.00K", "100", "0", "5.00M"]
-
-
 def test_report_of_a_broken_db_is_a_store_error(tmp_path: Path) -> None:
     from slurm_netacct.errors import StoreError
     bad = tmp_path / "bad.db"

@@ -1,0 +1,62 @@
+"""Reading a --rates file: prices per GB of traffic for each class and direction."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+from .errors import ConfigError
+from .report import Rates
+
+UNITS = {"GB": 10**9, "GiB": 2**30, "TB": 10**12, "TiB": 2**40, "MB": 10**6, "MiB": 2**20}
+_KEY = re.compile(r"([a-z][a-z0-9_]{0,15})_(in|out)")
+
+
+def load(path: Path) -> Rates:
+    """Parse a rates file; ConfigError naming the key on any problem.
+
+        currency = "EUR"        # a label for the Cost column (optional)
+        unit = "GB"             # price unit: GB (10^9 bytes, default), GiB, TB, TiB, MB, MiB
+        decimals = 2            # costs are rounded half-up to this many decimals
+        [price]                 # per unit, for <class>_<in|out>; a missing key costs 0
+        lan_in = 0
+        wan_out = "0.09"        # strings keep exact decimals; numbers are read as written
+    """
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"rates file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"rates file {path}: not valid TOML ({exc})") from None
+    for key in data:
+        if key not in ("currency", "unit", "decimals", "price"):
+            raise ConfigError(f"rates file {path}: unknown key '{key}'")
+    unit = data.get("unit", "GB")
+    if unit not in UNITS:
+        raise ConfigError(f"rates file {path}: key 'unit': {unit!r} is not one of {', '.join(UNITS)}")
+    decimals = data.get("decimals", 2)
+    if not isinstance(decimals, int) or isinstance(decimals, bool) or not 0 <= decimals <= 10:
+        raise ConfigError(f"rates file {path}: key 'decimals': must be an integer from 0 to 10")
+    currency = data.get("currency", "")
+    if not isinstance(currency, str):
+        raise ConfigError(f"rates file {path}: key 'currency': must be a string")
+    prices_raw = data.get("price", {})
+    if not isinstance(prices_raw, dict) or not prices_raw:
+        raise ConfigError(f"rates file {path}: key 'price': must be a table of <class>_<in|out> = price")
+    prices: dict[tuple[str, str], Decimal] = {}
+    for key, value in prices_raw.items():
+        m = _KEY.fullmatch(key)
+        if not m:
+            raise ConfigError(f"rates file {path}: key 'price.{key}': expected <class>_in or <class>_out")
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"rates file {path}: key 'price.{key}': must be a number")
+        try:
+            price = Decimal(str(value))
+        except InvalidOperation:
+            raise ConfigError(f"rates file {path}: key 'price.{key}': {value!r} is not a number") from None
+        if not price.is_finite() or price < 0:
+            raise ConfigError(f"rates file {path}: key 'price.{key}': must be a non-negative number")
+        prices[(m.group(1), m.group(2))] = price
+    return Rates(prices=prices, unit_bytes=UNITS[unit], decimals=decimals, currency=currency)

@@ -1,0 +1,137 @@
+"""Live counters of a node's running jobs: read them, and store them as periodic samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlite_utils
+
+from . import accounting, lifecycle, netns, store
+from .config import Config
+from .errors import NetacctError
+from .log import get as get_log
+
+Traffic = dict[str, dict[str, int]]  # class -> {in_bytes, out_bytes, in_packets, out_packets}
+
+
+@dataclass
+class SampleResult:
+    """What one pass over a node's running jobs found.
+
+    `traffic` holds the jobs whose counters were read (and, for sample_node, stored);
+    `skipped_jobs` those that ended while being read (their epilog removed the namespace,
+    or stored the final counters first); `failures` those whose counters could not be read
+    although the job is still running.
+    """
+
+    node: str
+    traffic: dict[int, Traffic] = field(default_factory=dict)
+    jobs: dict[int, store.JobInfo] = field(default_factory=dict)  # the same keys as traffic
+    skipped_jobs: list[int] = field(default_factory=list)
+    failures: dict[int, NetacctError] = field(default_factory=dict)
+
+    @property
+    def sampled(self) -> int:
+        return len(self.traffic)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_jobs)
+
+    @property
+    def errors(self) -> int:
+        return len(self.failures)
+
+
+def _info(row: dict[str, Any]) -> store.JobInfo:
+    return store.JobInfo(job_id=int(row["job_id"]), node=str(row["node"]), restart=int(row["restart"]),
+                         user=row["user"], uid=row["uid"], account=row["account"],
+                         partition=row["partition"])
+
+
+def _backend(name: str | None) -> accounting.Backend:
+    """The backend that installed the job's counters (the prolog recorded its name)."""
+    return accounting.Iptables() if name == "iptables" else accounting.Nftables()
+
+
+def _still_running(db: sqlite_utils.Database, info: store.JobInfo) -> bool:
+    row = store.job_row(db, info)
+    return row is not None and row["state"] == "running"
+
+
+def _pass(cfg: Config, node: str, keep: bool) -> SampleResult:
+    """Read every running job's counters on node; with keep, store them as samples."""
+    log = get_log()
+    result = SampleResult(node=node)
+    path = cfg.db_for(node)
+    if not path.exists():  # no job has ever run here: nothing is running either
+        return result
+    db = store.connect(path)
+    try:
+        rows = store.running_jobs(db, node)
+        latest: dict[int, dict[str, Any]] = {}
+        for row in sorted(rows, key=lambda r: (r["job_id"], r["restart"])):
+            if row["job_id"] in latest:  # an older run of a requeued job whose epilog failed:
+                result.skipped_jobs.append(int(row["job_id"]))  # the namespace is the newest run's
+            latest[row["job_id"]] = row
+        backends: dict[str, accounting.Backend] = {}
+        for job_id, row in latest.items():
+            info = _info(row)
+            names = lifecycle.JobNames.of(cfg, job_id)
+            if not netns.is_netns(names.netns_path):
+                log.info("job %d: no namespace %s to sample (the job is ending)", job_id, names.netns)
+                result.skipped_jobs.append(job_id)
+                continue
+            bname = row["backend"] or "nftables"
+            if bname not in backends:
+                backends[bname] = _backend(bname)
+            backend = backends[bname]
+            try:
+                traffic = lifecycle.traffic_of(backend.read(cfg, names.netns_path), cfg)
+            except NetacctError as exc:
+                if not netns.is_netns(names.netns_path) or not _still_running(db, info):
+                    log.info("job %d: ended while being sampled (%s)", job_id, exc)
+                    result.skipped_jobs.append(job_id)
+                else:
+                    log.error("job %d: cannot read its counters: %s", job_id, exc)
+                    result.failures[job_id] = exc
+                continue
+            if keep:
+                try:
+                    stored = store.record_sample(db, info, traffic)
+                except NetacctError as exc:
+                    log.error("job %d: cannot store its sample: %s", job_id, exc)
+                    result.failures[job_id] = exc
+                    continue
+                if not stored:
+                    log.info("job %d: ended while being sampled (its final counters are stored)", job_id)
+                    result.skipped_jobs.append(job_id)
+                    continue
+                log.debug("job %d: sampled %s", job_id, traffic)
+            result.traffic[job_id] = traffic
+            result.jobs[job_id] = info
+        return result
+    finally:
+        db.close()
+
+
+def sample_node(cfg: Config, node: str) -> SampleResult:
+    """Store the current counters of every job running on node in the node database.
+
+    Each job stays `running`; its epilog later overwrites the sample with the final counters.
+    A job whose epilog runs meanwhile is skipped, never an error, and its final counters are
+    never overwritten. A job whose counters cannot be read is a failure; the others are still
+    sampled. Raises StoreError if the database cannot be opened or listed.
+    """
+    return _pass(cfg, node, keep=True)
+
+
+def read_live(cfg: Config, node: str) -> SampleResult:
+    """The current counters of every job running on node, with its job info; stores nothing."""
+    return _pass(cfg, node, keep=False)
+
+
+def live_traffic(cfg: Config, node: str) -> dict[int, Traffic]:
+    """job id -> class -> {in_bytes, out_bytes, in_packets, out_packets} of node's running jobs."""
+    return read_live(cfg, node).traffic

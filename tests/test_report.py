@@ -1,0 +1,251 @@
+"""netacct-report: sacct flags, formats (golden outputs), merging, billing, privacy, errors."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from slurm_netacct import cli, store
+
+LAN = "lan"
+
+
+def _job(db: store.sqlite_utils.Database, job: int, node: str, user: str | None, account: str | None,
+         partition: str, start: str, end: str | None, state: str,
+         traffic: dict[str, tuple[int, int, int, int]], restart: int = 0, sampled_at: str | None = None) -> None:
+    info = store.JobInfo(job_id=job, node=node, restart=restart, user=user, account=account, partition=partition)
+    store.record_start(db, info, f"netacct-{job}", "100.64.0.2", None, "nftables")
+    if state != "running":
+        store.record_end(db, info, state, {k: dict(zip(("in_bytes", "out_bytes", "in_packets", "out_packets"), v))
+                                           for k, v in traffic.items()})
+    elif traffic:
+        store.record_sample(db, info, {k: dict(zip(("in_bytes", "out_bytes", "in_packets", "out_packets"), v))
+                                       for k, v in traffic.items()})
+    db.conn.execute('UPDATE jobs SET start=?, "end"=?, sampled_at=? WHERE job_id=? AND node=? AND restart=?',
+                    (start, end, sampled_at, job, node, restart))
+
+
+@pytest.fixture
+def dbs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    d = tmp_path / "nodes"
+    d.mkdir()
+    n1 = store.connect(d / "n1.db")
+    _job(n1, 101, "n1", "alice", "physics", "batch", "2026-10-03T10:00:00Z", "2026-10-03T11:00:00Z", "completed",
+         {"lan": (1000, 2000, 10, 20), "wan": (3_000_000_000, 500_000_000, 3000, 500)})
+    _job(n1, 102, "n1", "bob", "chem", "batch", "2026-11-01T08:00:00Z", "2026-11-01T09:00:00Z", "completed",
+         {"lan": (0, 0, 0, 0), "wan": (1024, 2048, 1, 2)})
+    _job(n1, 103, "n1", "alice", "physics", "gpu", "2026-11-02T00:00:00Z", "2026-11-02T02:00:00Z", "completed",
+         {"lan": (5, 6, 1, 1), "wan": (0, 0, 0, 0)})
+    n1.close()
+    n2 = store.connect(d / "n2.db")
+    _job(n2, 103, "n2", "alice", "physics", "gpu", "2026-11-02T00:00:01Z", "2026-11-02T02:00:05Z", "completed",
+         {"lan": (7, 8, 1, 1), "wan": (0, 0, 0, 0)})
+    _job(n2, 104, "n2", "carol", None, "batch", "2026-11-05T00:00:00Z", None, "running",
+         {"lan": (0, 0, 0, 0), "wan": (4096, 0, 4, 0)}, sampled_at="2026-11-05T00:01:00Z")
+    n2.close()
+    cfg = tmp_path / "netacct.toml"
+    cfg.write_text(f'db = "{d}/%n.db"\n[report]\nadmins = ["dave"]\n')
+    monkeypatch.setenv("NETACCT_CONFIG", str(cfg))
+    monkeypatch.setenv("SLURMD_NODENAME", "login1")  # not a compute node: no live counters
+    monkeypatch.delenv("SUDO_USER", raising=False)
+    monkeypatch.delenv("SUDO_UID", raising=False)
+    return d / "n1.db", d / "n2.db"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        cli.report_main(list(argv))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+ALL = ("-S", "2026-01-01")
+
+
+def test_default_table(dbs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--db-dir", str(dbs[0].parent), *ALL)
+    assert code == 0
+    assert out == (
+        "JobID User  Account NodeList State     LAN_In LAN_Out WAN_In WAN_Out\n"
+        "----- ----- ------- -------- --------- ------ ------- ------ -------\n"
+        "101   alice physics n1       completed   1000   1.95K  2.79G 476.84M\n"
+        "102   bob   chem    n1       completed      0       0  1.00K   2.00K\n"
+        "103   alice physics n1,n2    completed     12      14      0       0\n"
+        "104   carol         n2       running        0       0  4.00K       0\n")
+
+
+def test_parsable_formats_and_fields(dbs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    d = str(dbs[0].parent)
+    code, out, _ = run(capsys, "--db-dir", d, *ALL, "-P", "-o", "jobid,user,nnodes,wan_in,TotalOut,wan_inpkts", "-j", "101,103")
+    assert code == 0
+    assert out == "JobID|User|NNodes|WAN_In|TotalOut|WAN_InPkts\n101|alice|1|3000000000|500002000|3000\n103|alice|2|0|14|0\n"
+    code, out, _ = run(capsys, "--db-dir", d, *ALL, "-p", "-n", "-o", "JobID,State,AsOf", "-s", "R")
+    assert out == "104|running|2026-11-05T00:01:00Z|\n"
+    code, out, _ = run(capsys, "--db-dir", d, *ALL, "--csv", "-o", "JobID,Account,WAN_In", "--units", "M", "-j", "101,104")
+    assert out == "JobID,Account,WAN_In\n101,physics,2861.02M\n104,,0.00M\n"
+
+
+def test_table_widths_truncate_like_sacct(dbs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--db-dir", str(dbs[0].parent), *ALL, "-j", "101", "-o", "JobID%3,Account%4,LAN_Out%8")
+    assert out.splitlines() == ["Job Acco  LAN_Out", "--- ---- --------", "101 phy+    1.95K"]
+
+
+def test_json_merges_nodes_with_per_node_breakdown(dbs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--db", str(dbs[0]), "--db", str(dbs[1]), "--json", "--per-node", "-j", "103")
+    [rec] = json.loads(out)
+    assert rec["nodes"] == ["n1", "n2"]
+    assert rec["start"] == "2026-11-02T00:00:00Z" and rec["end"] == "2026-11-02T02:00:05Z"
+    assert rec["traffic"]["lan"] == {"in_bytes": 12, "out_bytes": 14, "in_packets": 2, "out_packets": 2}
+    assert rec["per_node"]["n2"]["lan"] == {"in_bytes": 7, "out_bytes": 8, "in_packets": 1, "out_packets": 1}
+
+
+def test_the_same_database_twice_or_a_copy_counts_once(dbs: tuple[Path, Path], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    backup = tmp_path / "n1-backup.db"
+    backup.write_bytes(dbs[0].read_bytes())
+    code, out, _ = run(capsys, "--db", str(dbs[0]), "--db", str(dbs[0]), "--db", str(backup), "--db", str(dbs[1]),
+                       "--json", "-j", "101,103")
+    recs = json.loads(out)
+    assert [r["traffic"]["lan"]["in_bytes"] for r in recs] == [1000, 12]
+
+
+def test_running_jobs_show_their_last_sample(dbs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--db-dir", str(dbs[0].parent), "--json", "-j", "104")
+    [rec] = json.loads(out)
+    assert rec["state"] == "running" and rec["end"] is None
+    assert rec["live"] is False and rec["as_of"] == "2026-11-05T00:01:00Z"
+    assert rec["traffic"]["wan"]["in_bytes"] == 4096
+
+
+@pytest.mark.parametrize("flags, jobs", [
+    (("-u", "alice"), [101, 103]),
+    (("-u", "alice,bob"), [101, 102, 103]),
+    (("-A", "chem"), [102]),
+    (("-r", "gpu"), [103]),
+    (("-N", "n2"), [103, 104]),
+    (("-s", "CD"), [101, 102, 103]),
+    (("-s", "running,completed"), [101, 102, 103, 104]),
+    (("-S", "2026-11-01T08:30", "-E", "2026-11-02"), [102, 103]),  # overlap: 102 ends 09:00, 103 starts at 00:00Z
+    (("-S", "2026-11-03"), [104]),  # still running
+    (("-E", "2026-10-31"), [101]),
+])
+def test_selection_like_sacct(dbs: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+                              flags: tuple[str, ...], jobs: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "UTC")
+    import time
+    time.tzset()
+    args = list(flags)
+    if "-S" not in args:
+        args += ["-S", "2026-01-01"]
+    code, out, err = run(capsys, "--db-dir", str(dbs[0].parent), "-n", "-P", "-o", "JobID", *args)
+    assert code == 0, err
+    assert [int(x) for x in out.split()] == jobs
+
+
+def test_default_window_is_today_unless_jobs_or_states(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    db = store.connect(tmp_path / "n1.db")
+    now = datetime.now(timezone.utc)
+    iso = lambda t: t.strftime("%Y-%m-%dT%H:%M:%SZ")  # noqa: E731
+    midnight_utc = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0).astimezone(timezone.utc)
+    _job(db, 1, "n1", "a", "x", "p", iso(midnight_utc - timedelta(days=3)), iso(midnight_utc - timedelta(days=3) + timedelta(minutes=5)), "completed", {})
+    _job(db, 2, "n1", "a", "x", "p", iso(midnight_utc + timedelta(seconds=1)), iso(now), "completed", {})
+    db.close()
+    monkeypatch.setenv("NETACCT_CONFIG", "/dev/null")
+    base = ("--db", str(tmp_path / "n1.db"), "-n", "-P", "-o", "JobID")
+    assert run(capsys, *base)[1].split() == ["2"]
+    assert run(capsys, *base, "-S", "now-7days")[1].split() == ["1", "2"]
+    assert run(capsys, *base, "-j", "1")[1].split() == ["1"]
+    assert run(capsys, *base, "-s", "CD")[1].split() == ["1", "2"]
+
+
+RATES = """
+currency = "EUR"
+[price]
+lan_in = "0.001"
+lan_out = "0.002"
+wan_in = 0.01
+wan_out = "0.09"
+"""
+
+
+def test_rates_cost_per_job_and_total(dbs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    r = tmp_path / "rates.toml"
+    r.write_text(RATES)
+    code, out, _ = run(capsys, "--db-dir", str(dbs[0].parent), *ALL, "--rates", str(r), "-P", "-o", "JobID,Cost")
+    # 101: 3 GB in * 0.01 + 0.5 GB out * 0.09 + 1000 B * 0.001/GB + 2000 B * 0.002/GB = 0.075005 -> 0.08
+    # 102: 1024 * 0.01/1e9 + 2048 * 0.09/1e9 = 0.0000002... -> 0.00; 104: 4096 B in -> 0.00
+    assert out == "JobID|Cost(EUR)\n101|0.08\n102|0.00\n103|0.00\n104|0.00\n"
+    code, out, _ = run(capsys, "--db-dir", str(dbs[0].parent), *ALL, "--rates", str(r), "-j", "101,102", "-o", "JobID,Cost")
+    assert out.splitlines()[-2:] == ["----- ---------", "Total      0.08"]
+
+
+def test_group_by_account_and_month_with_rates(dbs: tuple[Path, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    r = tmp_path / "rates.toml"
+    r.write_text(RATES.replace('wan_out = "0.09"', 'wan_out = "10"'))
+    code, out, _ = run(capsys, "--db-dir", str(dbs[0].parent), *ALL, "--rates", str(r), "--group-by", "account",
+                       "-P", "-o", "Account,Jobs,WAN_In,WAN_Out,Cost")
+    # physics: jobs 101 and 103; WAN out 0.5 GB * 10 = 5 + WAN in 3 GB * 0.01 = 0.03 + LAN bytes ~0 -> 5.03
+    assert out == ("Account|Jobs|WAN_In|WAN_Out|Cost(EUR)\n"
+                   "(none)|1|4096|0|0.00\n"
+                   "chem|1|1024|2048|0.00\n"
+                   "physics|2|3000000000|500000000|5.03\n")
+    code, out, _ = run(capsys, "--db-dir", str(dbs[0].parent), *ALL, "--group-by", "month", "--json")
+    groups = json.loads(out)
+    assert [(g["key"], g["jobs"]) for g in groups] == [("2026-10", 1), ("2026-11", 3)]
+    code, out, _ = run(capsys, "--db-dir", str(dbs[0].parent), *ALL, "--group-by", "node", "-P", "-o", "Node,Jobs,LAN_In")
+    assert out == "Node|Jobs|LAN_In\nn1|3|1005\nn2|2|7\n"
+
+
+def test_private_data_for_sudo_callers(dbs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("SUDO_USER", "bob")
+    monkeypatch.setenv("SUDO_UID", "1234")
+    base = ("--db-dir", str(dbs[0].parent), *ALL, "-n", "-P", "-o", "JobID")
+    assert run(capsys, *base)[1].split() == ["102"]
+    code, _, err = run(capsys, *base, "-u", "alice")
+    assert code == 9 and err.strip() == "netacct-report: bob may see only their own jobs (config [report] private = true)"
+    assert run(capsys, *base, "-a")[0] == 9
+    monkeypatch.setenv("SUDO_USER", "dave")  # a report admin
+    assert run(capsys, *base)[1].split() == ["101", "102", "103", "104"]
+
+
+@pytest.mark.parametrize("argv, code, msg", [
+    (("-S", "yesterday-ish"), 2, "netacct-report: -S/--starttime: unrecognised time 'yesterday-ish'"),
+    (("-o", "JobID,Nope"), 2, "netacct-report: -o/--format: unknown field 'Nope'"),
+    (("-s", "pending"), 2, "netacct-report: -s/--state: unknown state 'pending'"),
+    (("-j", "12x"), 4, "netacct-report: -j/--jobs: job id '12x' is not a positive decimal number"),
+    (("-P", "--json"), 2, "netacct-report: choose one of -p, -P, --json, --csv"),
+    (("--db", "/nonexistent.db"), 8, "netacct-report: database /nonexistent.db: No such file or directory"),
+])
+def test_errors_are_one_line_with_documented_codes(dbs: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+                                                   argv: tuple[str, ...], code: int, msg: str) -> None:
+    rc, out, err = run(capsys, "--db-dir", str(dbs[0].parent), *argv)
+    assert rc == code and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith(msg), err
+
+
+def test_bad_rates_file(dbs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    r = tmp_path / "r.toml"
+    for body, fragment in (("[price]\nwan_out = -1\n", "price.wan_out"), ("[price]\nwan_sideways = 1\n", "price.wan_sideways"),
+                           ("unit = 'GiB'\ncolour = 1\n[price]\nwan_out = 1\n", "unknown key 'colour'"),
+                           ("[price]\nwan_out = 'cheap'\n", "price.wan_out")):
+        r.write_text(body)
+        rc, _, err = run(capsys, "--db-dir", str(dbs[0].parent), "--rates", str(r))
+        assert rc == 3 and fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_database_is_opened_read_only(dbs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    before = dbs[0].read_bytes()
+    run(capsys, "--db", str(dbs[0]), *ALL)
+    assert dbs[0].read_bytes() == before
+    with sqlite3.connect(dbs[0]) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone() == (3,)
