@@ -143,8 +143,9 @@ def report_parser() -> argparse.ArgumentParser:
                           "table, exact bytes in -p/-P/--csv/--json")
     out.add_argument("--per-node", action="store_true", help="with --json: each job's traffic per node")
     agg = p.add_argument_group("aggregation and billing")
-    agg.add_argument("--group-by", choices=report.GROUP_BY,
-                     help="totals per user, account, partition, node, day or month (of the job's start, UTC)")
+    agg.add_argument("--group-by", metavar="KEY[,KEY...]",
+                     help="totals per user, account, partition, node, day or month (of the job's "
+                          "start, UTC); several keys, e.g. account,month")
     agg.add_argument("--rates", metavar="FILE", type=Path, help="TOML prices per GB: adds a Cost column and a total")
     src = p.add_argument_group("sources")
     src.add_argument("--db", metavar="PATH", action="append", type=Path,
@@ -265,6 +266,13 @@ def _live_overlay(cfg: config_mod.Config, records: Iterator[report.JobRecord]) -
         yield rec
 
 
+def _is_local_only(cfg: config_mod.Config, sources: list[Path]) -> bool:
+    """True if the report reads this node's own database (whose running jobs get live counters)."""
+    node = os.environ.get("SLURMD_NODENAME") or naming.short_hostname()
+    local = cfg.db_for(node)
+    return os.geteuid() == 0 and any(p.exists() and local.exists() and os.path.samefile(p, local) for p in sources)
+
+
 def report_main(argv: Sequence[str] | None = None) -> None:
     from . import render
 
@@ -274,6 +282,12 @@ def report_main(argv: Sequence[str] | None = None) -> None:
         modes = [m for m in ("parsable", "parsable2", "json", "csv") if getattr(args, m)]
         if len(modes) > 1:
             raise UsageError(f"{prog}: choose one of -p, -P, --json, --csv")
+        group_by: tuple[str, ...] | None = None
+        if args.group_by:
+            group_by = tuple(k.strip().lower() for k in args.group_by.split(","))
+            bad = [k for k in group_by if k not in report.GROUP_BY]
+            if bad or len(set(group_by)) != len(group_by):
+                raise UsageError(f"{prog}: --group-by: {args.group_by!r}: keys are {', '.join(report.GROUP_BY)}, each once")
         cfg = config_mod.load()
         rates = None
         if args.rates is not None:
@@ -291,15 +305,18 @@ def report_main(argv: Sequence[str] | None = None) -> None:
             if k not in classes:
                 classes.append(k)
         if args.helpformat:
-            print(" ".join(render.available(classes, args.group_by, rates)))
+            print(" ".join(render.available(classes, group_by, rates)))
             return
-        cols = render.columns(args.format, classes, args.group_by, rates)
+        cols = render.columns(args.format, classes, group_by, rates)
         records = _live_overlay(cfg, report.iter_jobs(sources, query, classes))
         decimals = rates.decimals if rates else 2
         total = None
         rows: Iterator[object]
-        if args.group_by:
-            groups = report.aggregate(records, args.group_by, rates)
+        if group_by:
+            if _is_local_only(cfg, sources):
+                groups = report.aggregate(records, group_by, rates)
+            else:  # node databases elsewhere: no live counters to add, so split the work
+                groups = report.aggregate_parallel(sources, query, classes, group_by, rates)
             if rates is not None:
                 total = sum((g.cost for g in groups), Decimal(0))
             rows = iter(groups)
@@ -313,8 +330,8 @@ def report_main(argv: Sequence[str] | None = None) -> None:
             rows = records
         out = sys.stdout
         if args.json:
-            if args.group_by:
-                render.write_json(out, ({"group_by": args.group_by, "key": g.key, "jobs": g.jobs,
+            if group_by:
+                render.write_json(out, ({"group_by": list(group_by), "key": list(g.key), "jobs": g.jobs,
                                          "traffic": g.traffic,
                                          **({"cost": str(g.cost)} if rates else {})} for g in rows))  # type: ignore[attr-defined]
             else:

@@ -38,18 +38,24 @@ class Column:
     width: int | None = None
 
 
-def _traffic_getter(klass: str | None, metric: str) -> Callable[[Any], int]:
-    key = _METRICS[metric]
+def _traffic_getter(classes: list[str], klass: str | None, metric: str) -> Callable[[Any], int]:
+    offset = list(_METRICS).index(metric)
     if klass is None:
-        return lambda r: sum(v.get(key, 0) for v in r.traffic.values())
-    return lambda r: r.traffic.get(klass, {}).get(key, 0)
+        return lambda r: sum(r.vec[offset::4])
+    i = 4 * classes.index(klass) + offset
+    return lambda r: r.vec[i]
 
 
-def available(classes: list[str], grouped: str | None, rates: Rates | None) -> dict[str, Column]:
+def _key_getter(i: int) -> Callable[[Group], str]:
+    return lambda g: g.key[i]
+
+
+def available(classes: list[str], grouped: tuple[str, ...] | None, rates: Rates | None) -> dict[str, Column]:
     """Every column this report can show, by canonical name."""
     cols: dict[str, Column] = {}
     if grouped:
-        cols[grouped.capitalize()] = Column(grouped.capitalize(), lambda g: g.key)
+        for i, by in enumerate(grouped):
+            cols[by.capitalize()] = Column(by.capitalize(), _key_getter(i))
         cols["Jobs"] = Column("Jobs", lambda g: str(g.jobs))
     else:
         for name, fn in _JOB_FIELDS.items():
@@ -57,22 +63,22 @@ def available(classes: list[str], grouped: str | None, rates: Rates | None) -> d
     for klass in classes:
         for metric in _METRICS:
             name = f"{klass.upper()}_{metric}"
-            cols[name] = Column(name, _traffic_getter(klass, metric), metric in ("In", "Out"))
+            cols[name] = Column(name, _traffic_getter(classes, klass, metric), metric in ("In", "Out"))
     for metric in _METRICS:
-        cols[f"Total{metric}"] = Column(f"Total{metric}", _traffic_getter(None, metric), metric in ("In", "Out"))
+        cols[f"Total{metric}"] = Column(f"Total{metric}", _traffic_getter(classes, None, metric), metric in ("In", "Out"))
     if rates is not None:
         label = f"Cost({rates.currency})" if rates.currency else "Cost"
         cols["Cost"] = Column(label, lambda r: r.cost)
     return cols
 
 
-def default_format(classes: list[str], grouped: str | None, rates: Rates | None) -> list[str]:
-    base = [grouped.capitalize(), "Jobs"] if grouped else ["JobID", "User", "Account", "NodeList", "State"]
+def default_format(classes: list[str], grouped: tuple[str, ...] | None, rates: Rates | None) -> list[str]:
+    base = [b.capitalize() for b in grouped] + ["Jobs"] if grouped else ["JobID", "User", "Account", "NodeList", "State"]
     base += [f"{k.upper()}_{m}" for k in classes for m in ("In", "Out")]
     return base + (["Cost"] if rates is not None else [])
 
 
-def columns(spec: str | None, classes: list[str], grouped: str | None, rates: Rates | None) -> list[Column]:
+def columns(spec: str | None, classes: list[str], grouped: tuple[str, ...] | None, rates: Rates | None) -> list[Column]:
     """Parse -o/--format ("JobID,User%12,lan_in"): names are case-insensitive, %N a width."""
     avail = available(classes, grouped, rates)
     by_lower = {k.lower(): v for k, v in avail.items()}

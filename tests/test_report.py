@@ -200,7 +200,12 @@ def test_group_by_account_and_month_with_rates(dbs: tuple[Path, Path], tmp_path:
                    "physics|2|3000000000|500000000|5.03\n")
     code, out, _ = run(capsys, "--db-dir", str(dbs[0].parent), *ALL, "--group-by", "month", "--json")
     groups = json.loads(out)
-    assert [(g["key"], g["jobs"]) for g in groups] == [("2026-10", 1), ("2026-11", 3)]
+    assert [(g["key"], g["jobs"]) for g in groups] == [(["2026-10"], 1), (["2026-11"], 3)]
+    code, out, _ = run(capsys, "--db-dir", str(dbs[0].parent), *ALL, "--group-by", "account,month", "-P",
+                       "-o", "Account,Month,Jobs,LAN_In")
+    assert out == ("Account|Month|Jobs|LAN_In\n(none)|2026-11|1|0\nchem|2026-11|1|0\n"
+                   "physics|2026-10|1|1000\nphysics|2026-11|1|12\n")
+    assert run(capsys, "--db-dir", str(dbs[0].parent), "--group-by", "account,colour")[0] == 2
     code, out, _ = run(capsys, "--db-dir", str(dbs[0].parent), *ALL, "--group-by", "node", "-P", "-o", "Node,Jobs,LAN_In")
     assert out == "Node|Jobs|LAN_In\nn1|3|1005\nn2|2|7\n"
 
@@ -249,3 +254,25 @@ def test_database_is_opened_read_only(dbs: tuple[Path, Path], capsys: pytest.Cap
     assert dbs[0].read_bytes() == before
     with sqlite3.connect(dbs[0]) as conn:
         assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone() == (3,)
+
+
+def test_parallel_aggregation_equals_the_single_process_one(tmp_path: Path) -> None:
+    from slurm_netacct import report
+    import random
+    rng = random.Random(7)
+    paths = []
+    for n in range(3):
+        db = store.connect(tmp_path / f"n{n}.db")
+        for j in range(1, 200):
+            if rng.random() < 0.5:  # about half the jobs on each node: many span nodes
+                _job(db, j, f"n{n}", f"u{j % 5}", f"a{j % 3}", "p", f"2026-{1 + j % 12:02d}-01T00:00:00Z",
+                     f"2026-{1 + j % 12:02d}-01T01:00:00Z", "completed",
+                     {"lan": tuple(rng.randrange(10**6) for _ in range(4)), "wan": tuple(rng.randrange(10**6) for _ in range(4))})
+        db.close()
+        paths.append(tmp_path / f"n{n}.db")
+    classes = ["lan", "wan"]
+    for by in (("account",), ("account", "month"), ("node", "user")):
+        single = report.aggregate(report.iter_jobs(paths, report.Query(), classes), by)
+        multi = report.aggregate_parallel(paths, report.Query(), classes, by, workers=3, min_span=0)
+        assert [(g.key, g.jobs, g.vec) for g in single] == [(g.key, g.jobs, g.vec) for g in multi]
+        assert sum(g.jobs for g in single) >= 150
