@@ -72,13 +72,13 @@ def exporter_parser() -> argparse.ArgumentParser:
                 description="Export the live counters of the jobs running on this node to "
                             "Prometheus: write a file for node_exporter's textfile collector "
                             "(once, atomically; run it from a timer), or serve /metrics over HTTP.",
-                epilog=_epilog() + "\n  9  the metrics could not be written or served",
+                epilog=_epilog(),
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--textfile", metavar="PATH", type=Path,
                       help="write the metrics to PATH (e.g. /var/lib/prometheus/node-exporter/netacct.prom)")
     mode.add_argument("--listen", metavar="[ADDR:]PORT",
-                      help="serve http://ADDR:PORT/metrics until SIGTERM (default ADDR: all "
+                      help="serve http://ADDR:PORT/metrics until SIGTERM (default ADDR: 0.0.0.0, all IPv4 "
                            "interfaces; an IPv6 address in brackets: [::1]:9835)")
     p.add_argument("--node", metavar="NAME", help=_node_help())
     return p

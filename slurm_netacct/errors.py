@@ -57,6 +57,12 @@ class NotAllowedError(NetacctError):
     exit_code = 9
 
 
+class ExportError(NetacctError):
+    """The metrics could not be written (textfile) or served (HTTP)."""
+
+    exit_code = 10
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected internal error (a bug: please report it with the log)",
@@ -68,4 +74,5 @@ EXIT_CODES: dict[int, str] = {
     7: "network setup or teardown failed",
     8: "database error",
     9: "not allowed: another user's jobs (private data)",
+    10: "the metrics could not be written or served",
 }

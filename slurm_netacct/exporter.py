@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from . import accounting, sample
 from .config import Config
-from .errors import NetacctError
+from .errors import ExportError, NetacctError
 
 BYTES = "netacct_job_bytes"  # exposed as netacct_job_bytes_total
 PACKETS = "netacct_job_packets"  # exposed as netacct_job_packets_total
@@ -23,11 +23,6 @@ READ_ERRORS = "netacct_job_read_errors"
 JOB_LABELS = ("job_id", "user", "account", "node", "class", "direction")
 TEXTFILE_MODE = 0o644
 
-
-class ExportError(NetacctError):
-    """The metrics could not be written (textfile) or served (HTTP)."""
-
-    exit_code = 9
 
 
 class JobCollector:

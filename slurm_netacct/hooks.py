@@ -28,7 +28,7 @@ def job_info(env: Mapping[str, str]) -> store.JobInfo:
 
     uid = opt("SLURM_JOB_UID")
     restart = opt("SLURM_JOB_RESTART_COUNT")
-    node = opt("SLURMD_NODENAME") or os.uname().nodename
+    node = opt("SLURMD_NODENAME") or naming.short_hostname()
     return store.JobInfo(
         job_id=job_id,
         node=node,

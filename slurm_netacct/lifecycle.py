@@ -183,11 +183,18 @@ def teardown_job(cfg: Config, info: store.JobInfo) -> str:
         if netns.is_netns(names.netns_path):
             bname = (row or {}).get("backend") or accounting.backend(cfg).name
             backend = accounting.Iptables() if bname == "iptables" else accounting.Nftables()
-            counters = backend.read(cfg, names.netns_path)
-            traffic = traffic_of(counters, cfg)
-            store.record_end(db, info, STATE_COMPLETED, traffic)
-            log.info("job %d: counters stored: %s", jid, _summary(traffic))
-            state = STATE_COMPLETED
+            try:
+                counters = backend.read(cfg, names.netns_path)
+            except SetupError as exc:  # e.g. someone deleted the job's table: nothing to read
+                store.record_end(db, info, STATE_LOST, None)
+                log.error("job %d: cannot read its counters (%s); recorded as lost, with its "
+                          "last sample if any", jid, exc)
+                state = STATE_LOST
+            else:
+                traffic = traffic_of(counters, cfg)
+                store.record_end(db, info, STATE_COMPLETED, traffic)
+                log.info("job %d: counters stored: %s", jid, _summary(traffic))
+                state = STATE_COMPLETED
         elif row is not None and row["state"] == "running":
             store.record_end(db, info, STATE_LOST, None)
             log.error("job %d: namespace %s was gone; its counters are lost", jid, names.netns)

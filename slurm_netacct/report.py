@@ -63,7 +63,8 @@ class JobRecord:
         }
         if self.state == "running":
             out["live"] = self.live
-            out["as_of"] = self.as_of
+        if self.state in ("running", "lost"):
+            out["as_of"] = self.as_of  # the counters are those sampled then (None: never sampled)
         if per_node:
             out["per_node"] = self.per_node
         if self.cost is not None:
@@ -228,7 +229,7 @@ def _build(rows: list[_Row], classes: list[str]) -> JobRecord:
             rec.end = end
         if _STATE_RANK.get(state, 9) < _STATE_RANK.get(rec.state, 9):
             rec.state = state
-        if state == "running" and row[9] and (rec.as_of is None or row[9] < rec.as_of):
+        if state in ("running", "lost") and row[9] and (rec.as_of is None or row[9] < rec.as_of):
             rec.as_of = row[9]
         values = row[10:]
         nv = rec.node_vecs[node]

@@ -79,6 +79,8 @@ def _pass(cfg: Config, node: str, keep: bool) -> SampleResult:
         for job_id, row in latest.items():
             info = _info(row)
             names = lifecycle.JobNames.of(cfg, job_id)
+            if row.get("netns"):  # the name the prolog gave it (%h may differ in this process)
+                names = lifecycle.JobNames(job_id, row["netns"], cfg.netns_dir / row["netns"], names.host_if)
             if not netns.is_netns(names.netns_path):
                 log.info("job %d: no namespace %s to sample (the job is ending)", job_id, names.netns)
                 result.skipped_jobs.append(job_id)

@@ -1,0 +1,117 @@
+"""Reading nftables named counters straight from netlink, for many job namespaces at once.
+
+`nft -j list counters` costs a process and a ruleset fetch per namespace (milliseconds);
+here one process joins each namespace just long enough to open a netlink socket there, asks
+for the counter objects of one table, and parses the answer (tens of microseconds).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import SetupError
+from .netns import CLONE_NEWNET, _libc, is_netns
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWOBJ, NFT_MSG_GETOBJ = 18, 19
+NFPROTO_INET = 1
+NFT_OBJECT_COUNTER = 1
+NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA = 1, 2, 3, 4
+NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS = 1, 2
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLA_F_NESTED = 0x8000
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * ((4 - length % 4) % 4)
+
+
+def _request(table: str, seq: int) -> bytes:
+    body = struct.pack("=BBH", NFPROTO_INET, 0, 0)  # nfgenmsg: family, version, res_id
+    body += _attr(NFTA_OBJ_TABLE, table.encode() + b"\0")
+    body += _attr(NFTA_OBJ_TYPE, struct.pack("!I", NFT_OBJECT_COUNTER))
+    msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ
+    return struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+
+
+def _attrs(data: bytes) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    pos = 0
+    while pos + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, pos)
+        if length < 4:
+            break
+        out[kind & ~NLA_F_NESTED] = data[pos + 4: pos + length]
+        pos += (length + 3) & ~3
+    return out
+
+
+def _open_in(path: Path) -> socket.socket:
+    """A netlink socket that belongs to the namespace at path; the caller stays where it is."""
+    home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(errno.EINVAL, f"setns {path}")
+            try:
+                return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            finally:
+                if _libc.setns(home, CLONE_NEWNET) != 0:  # never stay in a job's namespace
+                    raise SetupError("cannot return to the original network namespace")
+        finally:
+            os.close(fd)
+    finally:
+        os.close(home)
+
+
+def read_table(path: Path, table: str) -> dict[str, tuple[int, int]]:
+    """{counter name: (packets, bytes)} of table `inet <table>` in the namespace at path."""
+    if not is_netns(path):
+        raise FileNotFoundError(errno.ENOENT, "no such network namespace", str(path))
+    sock = _open_in(path)
+    try:
+        sock.bind((0, 0))
+        sock.send(_request(table, 1))
+        found: dict[str, tuple[int, int]] = {}
+        while True:
+            data = sock.recv(65536)
+            pos = 0
+            while pos + 16 <= len(data):
+                length, mtype, _flags, _seq, _pid = struct.unpack_from("=IHHII", data, pos)
+                if mtype == NLMSG_DONE:
+                    return found
+                if mtype == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", data, pos + 16)
+                    if code == 0:
+                        return found
+                    raise OSError(-code, f"nftables counters of {table} in {path}: {os.strerror(-code)}")
+                if mtype == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ:
+                    attrs = _attrs(data[pos + 20: pos + length])  # after nlmsghdr + nfgenmsg
+                    name = attrs.get(NFTA_OBJ_NAME, b"").rstrip(b"\0").decode()
+                    counter = _attrs(attrs.get(NFTA_OBJ_DATA, b""))
+                    (nbytes,) = struct.unpack("!Q", counter[NFTA_COUNTER_BYTES])
+                    (npackets,) = struct.unpack("!Q", counter[NFTA_COUNTER_PACKETS])
+                    found[name] = (npackets, nbytes)
+                pos += (length + 3) & ~3
+    finally:
+        sock.close()
+
+
+def read_many(paths: Iterable[Path], table: str) -> dict[Path, dict[str, tuple[int, int]]]:
+    """read_table for every path; namespaces that are gone (a job just ended) are left out."""
+    out: dict[Path, dict[str, tuple[int, int]]] = {}
+    for path in paths:
+        try:
+            out[path] = read_table(path, table)
+        except FileNotFoundError:
+            continue
+    return out
