@@ -113,11 +113,26 @@ def run_backend(cfg: config.Config, cfg_path: Path, args: argparse.Namespace) ->
     t_setup = time.monotonic() - t0
     jobn = measure(job_prefix, args.seconds, args.reps)
     print(f"{cfg.firewall}: job/{args.jobs} {jobn / 1e9:.2f} Gbit/s (loading took {t_setup:.1f} s)", flush=True)
+    from slurm_netacct import sample
+    reads, samples = [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        live = sample.read_live(cfg, "bench")
+        reads.append(time.perf_counter() - t0)
+        assert len(live.traffic) == args.jobs + 1, (len(live.traffic), live.failures)
+        t0 = time.perf_counter()
+        stored = sample.sample_node(cfg, "bench")
+        samples.append(time.perf_counter() - t0)
+        assert stored.sampled == args.jobs + 1
+    read_ms, sample_ms = statistics.median(reads) * 1e3, statistics.median(samples) * 1e3
+    print(f"{cfg.firewall}: reading all {args.jobs + 1} jobs' counters {read_ms:.1f} ms, "
+          f"sampling them into the database {sample_ms:.1f} ms (medians of 5)", flush=True)
     t0 = time.monotonic()
     for j in [measured, *others]:
         lifecycle.teardown_job(cfg, store.JobInfo(job_id=j, node="bench"))
     t_down = time.monotonic() - t0
-    return {"job0": job0, "jobN": jobn, "setup_s": t_setup, "teardown_s": t_down}
+    return {"job0": job0, "jobN": jobn, "setup_s": t_setup, "teardown_s": t_down,
+            "read_all_ms": read_ms, "sample_all_ms": sample_ms}
 
 
 if __name__ == "__main__":

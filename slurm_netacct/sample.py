@@ -99,20 +99,23 @@ def _pass(cfg: Config, node: str, keep: bool) -> SampleResult:
                     log.error("job %d: cannot read its counters: %s", job_id, exc)
                     result.failures[job_id] = exc
                 continue
-            if keep:
-                try:
-                    stored = store.record_sample(db, info, traffic)
-                except NetacctError as exc:
-                    log.error("job %d: cannot store its sample: %s", job_id, exc)
-                    result.failures[job_id] = exc
-                    continue
-                if not stored:
-                    log.info("job %d: ended while being sampled (its final counters are stored)", job_id)
-                    result.skipped_jobs.append(job_id)
-                    continue
-                log.debug("job %d: sampled %s", job_id, traffic)
             result.traffic[job_id] = traffic
             result.jobs[job_id] = info
+        if keep and result.traffic:  # one transaction for the whole node
+            ids = list(result.traffic)
+            try:
+                stored = store.record_samples(db, [(result.jobs[j], result.traffic[j]) for j in ids])
+            except NetacctError as exc:
+                log.error("cannot store the samples of %d jobs: %s", len(ids), exc)
+                for j in ids:
+                    result.failures[j] = exc
+                    del result.traffic[j], result.jobs[j]
+                return result
+            for job_id, ok in zip(ids, stored):
+                if not ok:
+                    log.info("job %d: ended while being sampled (its final counters are stored)", job_id)
+                    result.skipped_jobs.append(job_id)
+                    del result.traffic[job_id], result.jobs[job_id]
         return result
     finally:
         db.close()

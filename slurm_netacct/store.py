@@ -203,15 +203,30 @@ def record_sample(db: sqlite_utils.Database, info: JobInfo,
                   traffic: Mapping[str, Mapping[str, int]]) -> bool:
     """Store a running job's current counters (the job stays running); False if the job is
     no longer running here (its epilog won the race: the final numbers are already stored)."""
+    return record_samples(db, [(info, traffic)])[0]
+
+
+def record_samples(db: sqlite_utils.Database,
+                   items: list[tuple[JobInfo, Mapping[str, Mapping[str, int]]]]) -> list[bool]:
+    """record_sample for many jobs in one transaction (one commit for a whole node)."""
+    done: list[bool] = []
+    now = now_iso()
     with immediate(db):
-        row = job_row(db, info)
-        if row is None or row["state"] != "running":
-            return False
-        for klass, values in traffic.items():
-            db["traffic"].upsert({
-                "job_id": info.job_id, "node": info.node, "restart": info.restart, "class": klass,
-                **{k: int(values[k]) for k in ("in_bytes", "out_bytes", "in_packets", "out_packets")},
-            }, pk=("job_id", "node", "restart", "class"))
-        db.conn.execute("UPDATE jobs SET sampled_at = ? WHERE job_id=? AND node=? AND restart=?",
-                        (now_iso(), info.job_id, info.node, info.restart))
-        return True
+        for info, traffic in items:
+            key = (info.job_id, info.node, info.restart)
+            state = db.conn.execute("SELECT state FROM jobs WHERE job_id=? AND node=? AND restart=?",
+                                    key).fetchone()
+            if state is None or state[0] != "running":
+                done.append(False)
+                continue
+            db.conn.executemany(
+                "INSERT INTO traffic (job_id, node, restart, class, in_bytes, out_bytes, in_packets, "
+                "out_packets) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, node, restart, class) "
+                "DO UPDATE SET in_bytes=excluded.in_bytes, out_bytes=excluded.out_bytes, "
+                "in_packets=excluded.in_packets, out_packets=excluded.out_packets",
+                [(*key, klass, int(v["in_bytes"]), int(v["out_bytes"]), int(v["in_packets"]),
+                  int(v["out_packets"])) for klass, v in traffic.items()])
+            db.conn.execute("UPDATE jobs SET sampled_at = ? WHERE job_id=? AND node=? AND restart=?",
+                            (now, *key))
+            done.append(True)
+    return done
