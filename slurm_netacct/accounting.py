@@ -10,6 +10,7 @@ The node side only forwards and masquerades (one shared NAT rule set for the who
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import ipaddress
 import os
 import shutil
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 from . import naming
 from .config import Config, IPNetwork
 from .errors import ConfigError, SetupError
-from .netns import run_in_netns, set_sysctl, setns
+from .netns import entered, run_in_netns, set_sysctl, setns
 
 DIRECTIONS = ("out", "in")  # out: the job sent it (remote = daddr); in: the job received it
 # ICMPv6 link control (neighbour discovery, MLD) is the link's own business, not traffic.
@@ -102,25 +103,17 @@ class Backend(Protocol):
     def remove_node(self, cfg: Config) -> bool: ...
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
-    if path is None:
-        raise SetupError(f"'{name}' is not installed (needed by the {name} backend)")
-    return path
+MARK_DIR = Path("/run/slurm-netacct")
 
 
-def _run(argv: list[str], stdin: str | None = None, ns_path: Path | None = None) -> str:
-    """Run a tool, optionally inside a namespace, raising SetupError with its stderr."""
-    preexec = (lambda: setns(ns_path)) if ns_path is not None else None
-    try:
-        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True,
-                              preexec_fn=preexec, timeout=30)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise SetupError(f"{argv[0]}: {exc}") from None
-    if proc.returncode != 0:
-        msg = " ".join(proc.stderr.split())[:300] or f"exit {proc.returncode}"
-        raise SetupError(f"{os.path.basename(argv[0])} {' '.join(argv[1:3])}: {msg}")
-    return proc.stdout
+def _netns_id() -> int:
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+def _node_mark(text: str) -> Path:
+    """A file that says "this node namespace has this node ruleset" (cleared at boot: /run)."""
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return MARK_DIR / f"node-{_netns_id()}-{digest}"
 
 
 def _job_sysctls(plan: NodePlan) -> None:
@@ -190,9 +183,12 @@ class Nftables:
         return "\n".join(lines) + "\n"
 
     def install(self, cfg: Config, ns_path: Path, plan: NodePlan) -> None:
+        from . import nftlib
+
         if plan.dns_stub is not None:
-            run_in_netns(ns_path, _job_sysctls, plan)
-        _run([_tool("nft"), "-f", "-"], stdin=self.ruleset(cfg, plan), ns_path=ns_path)
+            with entered(ns_path):
+                _job_sysctls(plan)
+        nftlib.run(self.ruleset(cfg, plan), ns_path)
 
     def read(self, cfg: Config, ns_path: Path) -> Counters:
         """The job's named counters, straight from netlink (see nftread: ~40 us a job)."""
@@ -237,15 +233,28 @@ class Nftables:
         return "\n".join(lines) + "\n"
 
     def install_node(self, cfg: Config, plan: NodePlan) -> None:
-        _run([_tool("nft"), "-f", "-"], stdin=self.node_ruleset(cfg, plan))
+        """Replace the node table, unless this exact ruleset is already in place."""
+        from . import nftlib, nftread
+
+        text = self.node_ruleset(cfg, plan)
+        mark = _node_mark(text)
+        if mark.exists() and nftread.table_exists(naming.NODE_NFT_TABLE):
+            return
+        nftlib.run(text)
+        try:
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.write_text(text)
+        except OSError:
+            pass  # only an optimisation: next time the table is rebuilt again
 
     def remove_node(self, cfg: Config) -> bool:
-        try:
-            _run([_tool("nft"), "delete", "table", "inet", naming.NODE_NFT_TABLE])
-        except SetupError as exc:
-            if "No such file" in str(exc):
-                return False
-            raise
+        from . import nftlib, nftread
+
+        if not nftread.table_exists(naming.NODE_NFT_TABLE):
+            return False
+        nftlib.run(f"delete table inet {naming.NODE_NFT_TABLE}\n")
+        for mark in MARK_DIR.glob(f"node-{_netns_id()}-*"):
+            mark.unlink(missing_ok=True)
         return True
 
 

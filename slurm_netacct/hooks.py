@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 
 from . import config as config_mod
 from . import lifecycle, naming, store
@@ -47,33 +51,60 @@ def _show(value: str | None) -> str:
     return value if value.isdigit() and len(value) <= 20 else repr(value)[:40]
 
 
+LOCK_DIR = Path("/run/slurm-netacct/locks")
+LOCK_STRIPES = 256
+
+
+@contextmanager
+def job_lock(info: store.JobInfo) -> Iterator[None]:
+    """Serialise work on one job on one node (the daemon and a fallback hook may race).
+
+    A fixed set of lock files (job id modulo 256): nothing accumulates in /run."""
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(LOCK_DIR / f"stripe-{info.job_id % LOCK_STRIPES}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def run_hook(which: str, env: Mapping[str, str], cfg: config_mod.Config, log: logging.Logger,
+             resolv_conf: Path | None = None,
+             defer: Callable[[Callable[[], object]], None] | None = None) -> tuple[int, str]:
+    """Do the prolog's or the epilog's work for the job in env; (exit code, one-line error)."""
+    ident = f"netacct-{which}"
+    jid = _show(env.get("SLURM_JOB_ID"))
+    try:
+        info = job_info(env)
+        with job_lock(info):
+            if which == "prolog":
+                lifecycle.setup_job(cfg, info, resolv_conf=resolv_conf)
+            else:
+                lifecycle.teardown_job(cfg, info, defer=defer)
+        return 0, ""
+    except NetacctError as exc:
+        log.error("job %s: %s failed (exit %d): %s", jid, which, exc.exit_code, exc)
+        return exc.exit_code, f"{ident}: job {jid}: {exc}"
+    except Exception as exc:  # a bug: still one line, and a distinct exit code
+        log.exception("job %s: %s crashed", jid, which)
+        return 1, f"{ident}: job {jid}: internal error: {type(exc).__name__}: {exc}"
+
+
 def _run(which: str, env: Mapping[str, str]) -> int:
     os.environ.setdefault("PATH", SAFE_PATH)  # SLURM runs prologs with no PATH at all
     os.umask(0o077)
     ident = f"netacct-{which}"
-    log = None
     try:
         cfg = config_mod.load()
-        log = setup_log(cfg.log_file, ident)
-        info = job_info(env)
-        if which == "prolog":
-            lifecycle.setup_job(cfg, info)
-        else:
-            lifecycle.teardown_job(cfg, info)
-        return 0
     except NetacctError as exc:
-        jid = _show(env.get("SLURM_JOB_ID"))
-        msg = f"{ident}: job {jid}: {exc}"
-        if log is not None:
-            log.error("job %s: %s failed (exit %d): %s", jid, which, exc.exit_code, exc)
-        print(msg, file=sys.stderr)
+        print(f"{ident}: job {_show(env.get('SLURM_JOB_ID'))}: {exc}", file=sys.stderr)
         return exc.exit_code
-    except Exception as exc:  # a bug: still one line, and a distinct exit code
-        jid = _show(env.get("SLURM_JOB_ID"))
-        if log is not None:
-            log.exception("job %s: %s crashed", jid, which)
-        print(f"{ident}: job {jid}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    log = setup_log(cfg.log_file, ident)
+    rc, msg = run_hook(which, env, cfg, log)
+    if msg:
+        print(msg, file=sys.stderr)
+    return rc
 
 
 def prolog_main() -> None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ipaddress
+import os
+import signal
 
 from . import accounting, naming, netns, store
 from .accounting import NodePlan
@@ -16,6 +18,20 @@ from .log import get as get_log
 
 STATE_COMPLETED = "completed"
 RESOLV_CONF = Path("/etc/resolv.conf")
+FAILPOINT_ENV = "NETACCT_FAILPOINT"  # tests only: make setup fail (or die) at a named step
+
+
+def failpoint(name: str) -> None:
+    """If $NETACCT_FAILPOINT names this step, fail here (or, with kill:STEP, die by SIGKILL).
+
+    Lets the tests prove rollback and crash recovery at every step; unset in production."""
+    want = os.environ.get(FAILPOINT_ENV)
+    if not want:
+        return
+    if want == name:
+        raise SetupError(f"failpoint {name}")
+    if want == f"kill:{name}":
+        os.kill(os.getpid(), signal.SIGKILL)
 STATE_LOST = "lost"  # the job's namespace was gone before its counters could be read
 
 
@@ -79,14 +95,14 @@ def loopback_resolver(resolv_conf: Path = RESOLV_CONF) -> ipaddress.IPv4Address 
     return None
 
 
-def node_plan(cfg: Config, node: str, uplink: str | None = None) -> NodePlan:
+def node_plan(cfg: Config, node: str, uplink: str | None = None, resolv_conf: Path | None = None) -> NodePlan:
     """Everything node-wide a job on `node` is built from."""
     pool4, pool6 = cfg.node_pools(node)
-    stub = loopback_resolver() if cfg.dns == "auto" else None
+    stub = loopback_resolver(resolv_conf or RESOLV_CONF) if cfg.dns == "auto" else None
     return NodePlan(node=node, uplink=uplink or resolve_uplink(cfg), pool4=pool4, pool6=pool6, dns_stub=stub)
 
 
-def setup_job(cfg: Config, info: store.JobInfo) -> JobNames:
+def setup_job(cfg: Config, info: store.JobInfo, resolv_conf: Path | None = None) -> JobNames:
     """Build the job's namespace, link, addresses, routes and counters; record its start.
 
     Idempotent: a job that is already fully set up is left untouched. On any failure all
@@ -96,7 +112,7 @@ def setup_job(cfg: Config, info: store.JobInfo) -> JobNames:
     names = JobNames.of(cfg, info.job_id)
     jid = info.job_id
     backend = accounting.backend(cfg)
-    plan = node_plan(cfg, info.node)
+    plan = node_plan(cfg, info.node, resolv_conf=resolv_conf)
     db = store.connect(cfg.db_for(info.node))
     try:
         row = store.job_row(db, info)
@@ -113,15 +129,20 @@ def setup_job(cfg: Config, info: store.JobInfo) -> JobNames:
             first, last = index_range(plan)
             idx = store.lease(db, info.node, jid, names.netns, first, last)
             undo.append(("lease", lambda: store.release(db, info.node, jid)))
+            failpoint("lease")
             addrs = addresses(plan, idx)
             netns.create(names.netns_path)
             undo.append(("netns", lambda: netns.remove(names.netns_path)))
+            failpoint("netns")
             undo.append(("link", lambda: netns.delete_link(names.host_if)))
             netns.build_link(names.netns_path, names.host_if, naming.JOB_IFNAME, addrs)
+            failpoint("link")
             if plan.dns_stub is not None:  # the node must route the redirected queries to 127/8
                 netns.set_sysctl(f"net/ipv4/conf/{names.host_if}/route_localnet", "1")
             backend.install(cfg, names.netns_path, plan)
+            failpoint("rules")
             ensure_node(cfg, backend, plan)
+            failpoint("node")
             store.record_start(db, info, names.netns, str(addrs.ipv4),
                                str(addrs.ipv6) if addrs.ipv6 else None, backend.name)
         except BaseException as exc:
@@ -164,13 +185,16 @@ def traffic_of(counters: accounting.Counters, cfg: Config) -> dict[str, dict[str
     return out
 
 
-def teardown_job(cfg: Config, info: store.JobInfo) -> str:
+def teardown_job(cfg: Config, info: store.JobInfo,
+                 defer: Callable[[Callable[[], object]], None] | None = None) -> str:
     """Snapshot the job's counters into the store, then remove all of the job's objects.
 
-    The link goes first (no packet can pass after the snapshot), then the counters are read
-    and stored, and only then is the namespace removed: if the store cannot be written the
-    namespace and its counters stay, the error propagates, and a later epilog run or the
-    reaper can still record them. Idempotent; returns the state recorded.
+    The link is set down first (no packet can pass after the snapshot), then the counters are
+    read and stored, and only then are the namespace and the link removed: if the store
+    cannot be written the namespace and its counters stay, the error propagates, and a later
+    epilog run or the reaper can still record them. Deleting the link is the slow part
+    (~15 ms in the kernel); `defer`, if given, runs it later (the daemon does, after it has
+    answered). Idempotent; returns the state recorded.
     """
     log = get_log()
     names = JobNames.of(cfg, info.job_id)
@@ -178,8 +202,8 @@ def teardown_job(cfg: Config, info: store.JobInfo) -> str:
     db = store.connect(cfg.db_for(info.node))
     try:
         row = store.job_row(db, info)
-        if netns.delete_link(names.host_if):
-            log.info("job %d: link %s removed", jid, names.host_if)
+        if netns.link_down(names.host_if):
+            log.info("job %d: link %s down", jid, names.host_if)
         if netns.is_netns(names.netns_path):
             bname = (row or {}).get("backend") or accounting.backend(cfg).name
             backend = accounting.Iptables() if bname == "iptables" else accounting.Nftables()
@@ -204,7 +228,21 @@ def teardown_job(cfg: Config, info: store.JobInfo) -> str:
             state = row["state"] if row else "none"
         if netns.remove(names.netns_path):
             log.info("job %d: namespace %s removed", jid, names.netns)
-        store.release(db, info.node, jid)
+
+        def finish() -> None:
+            """Delete the link, then free the job's address (not before: its routes go with it)."""
+            if netns.delete_link(names.host_if):
+                log.info("job %d: link %s removed", jid, names.host_if)
+            fdb = store.connect(cfg.db_for(info.node))
+            try:
+                store.release(fdb, info.node, jid)
+            finally:
+                fdb.close()
+
+        if defer is None:
+            finish()
+        else:
+            defer(finish)
         return state
     finally:
         db.close()

@@ -9,7 +9,8 @@ import ipaddress
 import os
 import pickle
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -99,16 +100,72 @@ def run_in_netns(path: Path | None, func: Callable[..., T], *args: Any) -> T:
     return value
 
 
-def create(path: Path) -> None:
-    """Create a new network namespace bind-mounted at path (like `ip netns add`)."""
-    from pyroute2 import netns as prnetns
+MS_BIND, MS_REC, MS_SHARED = 0x1000, 0x4000, 0x100000
+_shared_dirs: set[Path] = set()
 
+
+@contextmanager
+def entered(path: Path) -> Iterator[None]:
+    """Move the calling thread into the namespace at path for the block, then back.
+
+    Sockets opened inside (netlink, libnftables) stay bound to that namespace afterwards.
+    Only the calling thread moves: a daemon's other threads are unaffected.
+    """
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        prnetns.create(str(path))
+        setns(path)
+        try:
+            yield
+        finally:
+            if _libc.setns(home, CLONE_NEWNET) != 0:
+                raise SetupError("cannot return to the node's network namespace")
+    finally:
+        os.close(home)
+
+
+def _share(directory: Path) -> None:
+    """Make the namespace directory a shared mount point (as `ip netns add` does), once."""
+    if directory in _shared_dirs:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    d = str(directory).encode()
+    if _libc.mount(b"", d, b"none", MS_SHARED | MS_REC, None) != 0:  # not a mount point yet
+        if _libc.mount(d, d, b"none", MS_BIND | MS_REC, None) != 0:
+            raise SetupError(f"cannot bind-mount {directory}: {os.strerror(ctypes.get_errno())}")
+        if _libc.mount(b"", d, b"none", MS_SHARED | MS_REC, None) != 0:
+            raise SetupError(f"cannot make {directory} shared: {os.strerror(ctypes.get_errno())}")
+    _shared_dirs.add(directory)
+
+
+def create(path: Path) -> None:
+    """Create a new network namespace bind-mounted at path (like `ip netns add`).
+
+    The calling thread unshares into the new namespace just long enough to bind-mount it,
+    then returns to where it was: no helper process.
+    """
+    _share(path.parent)
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
     except FileExistsError:
         raise SetupError(f"network namespace {path} already exists (made by something else)") from None
     except OSError as exc:
-        raise SetupError(f"cannot create network namespace {path}: {exc}") from None
+        raise SetupError(f"cannot create {path}: {exc.strerror}") from None
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            err = os.strerror(ctypes.get_errno())
+            os.unlink(path)
+            raise SetupError(f"cannot create network namespace {path}: unshare: {err}")
+        try:
+            if _libc.mount(b"/proc/thread-self/ns/net", str(path).encode(), b"none", MS_BIND, None) != 0:
+                err = os.strerror(ctypes.get_errno())
+                os.unlink(path)
+                raise SetupError(f"cannot create network namespace {path}: mount: {err}")
+        finally:
+            if _libc.setns(home, CLONE_NEWNET) != 0:
+                raise SetupError("cannot return to the node's network namespace")
+    finally:
+        os.close(home)
 
 
 def remove(path: Path) -> bool:
@@ -127,11 +184,13 @@ def remove(path: Path) -> bool:
 
 
 def _ipr(netns_path: Path | None = None) -> Any:
+    """An rtnetlink socket (no event subscriptions) in this namespace or the one at path."""
     from pyroute2 import IPRoute
 
     if netns_path is None:
-        return IPRoute()
-    return IPRoute(netns=str(netns_path))
+        return IPRoute(groups=0)
+    with entered(netns_path):  # the socket is made inside, and stays bound to it
+        return IPRoute(groups=0)
 
 
 def link_index(name: str) -> int | None:
@@ -200,6 +259,18 @@ def delete_link(name: str) -> bool:
             if exc.code == errno.ENODEV:
                 return False
             raise SetupError(f"cannot delete link {name}: {exc}") from None
+    return True
+
+
+def link_down(name: str) -> bool:
+    """Set a link down (no packet passes a veth whose end is down); False if there is none.
+
+    Much cheaper than deleting it (~0.2 ms against ~15 ms measured here)."""
+    with _ipr() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return False
+        ipr.link("set", index=found[0], state="down")
     return True
 
 

@@ -56,7 +56,7 @@ def _attrs(data: bytes) -> dict[int, bytes]:
 
 def _open_in(path: Path) -> socket.socket:
     """A netlink socket that belongs to the namespace at path; the caller stays where it is."""
-    home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -102,6 +102,31 @@ def read_table(path: Path, table: str) -> dict[str, tuple[int, int]]:
                     (npackets,) = struct.unpack("!Q", counter[NFTA_COUNTER_PACKETS])
                     found[name] = (npackets, nbytes)
                 pos += (length + 3) & ~3
+    finally:
+        sock.close()
+
+
+NFT_MSG_GETTABLE = 1
+NFTA_TABLE_NAME = 1
+
+
+def table_exists(table: str, path: Path | None = None) -> bool:
+    """True if table `inet <table>` exists here (or in the namespace at path)."""
+    sock = _open_in(path) if path is not None else socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        sock.bind((0, 0))
+        body = struct.pack("=BBH", NFPROTO_INET, 0, 0) + _attr(NFTA_TABLE_NAME, table.encode() + b"\0")
+        msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE
+        sock.send(struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST, 1, 0) + body)
+        data = sock.recv(65536)
+        (_length, mtype) = struct.unpack_from("=IH", data, 0)
+        if mtype == NLMSG_ERROR:
+            (code,) = struct.unpack_from("=i", data, 16)
+            if code == -errno.ENOENT:
+                return False
+            if code != 0:
+                raise OSError(-code, os.strerror(-code))
+        return True
     finally:
         sock.close()
 

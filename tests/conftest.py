@@ -57,8 +57,10 @@ def project_leftovers(t: Topology) -> list[str]:
 class Node:
     """The sandbox node with a config of its own; runs the real prolog/epilog executables."""
 
-    def __init__(self, topo: Topology, tmp: Path, backend: str, **overrides: Any) -> None:
+    def __init__(self, topo: Topology, tmp: Path, backend: str, daemon: bool = False, **overrides: Any) -> None:
         self.topo = topo
+        self.socket = tmp / "daemon.sock"  # without a daemon: nobody listens, the hooks do the work
+        self.daemon: subprocess.Popen[str] | None = None
         self.tmp = tmp
         self.backend = backend
         self.db = tmp / "netacct.db"
@@ -76,11 +78,36 @@ class Node:
         lines += [f"{k} = {json.dumps(v)}" for k, v in pool.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
         self.cfg = config.load(self.config_path)
+        if daemon:
+            self.start_daemon()
+
+    def start_daemon(self) -> None:
+        self.daemon = subprocess.Popen([str(VENV_BIN / "netacct-daemon"), "--config", str(self.config_path),
+                                        "--socket", str(self.socket)], stdout=subprocess.PIPE, text=True)
+        assert self.daemon.stdout is not None
+        assert self.daemon.stdout.readline().startswith("netacct-daemon: listening")
+
+    def stop_daemon(self) -> None:
+        if self.daemon is not None:
+            self.daemon.terminate()
+            assert self.daemon.wait(timeout=30) == 0
+            self.daemon = None
+
+    def settle(self) -> None:
+        """Wait until the daemon has done its deferred work (deleting links, freeing leases)."""
+        if self.daemon is None:
+            return
+        import socket as _socket
+        with _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM) as c:
+            c.settimeout(60)
+            c.connect(str(self.socket))
+            c.sendall(b"netacct/1\0flush\0\0")
+            assert c.recv(64).startswith(b"0")
 
     def env(self, job_id: int | str, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
         env.pop("PATH", None)  # as SLURM runs prologs: no PATH at all
-        env.update(NETACCT_CONFIG=str(self.config_path), SLURM_JOB_ID=str(job_id),
+        env.update(NETACCT_CONFIG=str(self.config_path), NETACCT_SOCKET=str(self.socket), SLURM_JOB_ID=str(job_id),
                    SLURM_JOB_USER="alice", SLURM_JOB_UID="1234", SLURMD_NODENAME="n1",
                    SLURM_JOB_ACCOUNT="physics", SLURM_JOB_PARTITION="batch")
         env.update(extra)
@@ -106,6 +133,7 @@ class Node:
     def epilog(self, job_id: int, **extra: str) -> None:
         r = self.hook("epilog", job_id, **extra)
         assert r.returncode == 0, f"epilog failed ({r.returncode}): {r.stderr}"
+        self.settle()
 
     def netns_path(self, job_id: int) -> Path:
         return self.cfg.netns_dir / naming.netns_name(self.cfg.netns_prefix, job_id)
@@ -137,6 +165,8 @@ class Node:
     def cleanup(self) -> None:
         for job in sorted(self.started):
             self.hook("epilog", job)
+        self.settle()
+        self.stop_daemon()
 
 
 @pytest.fixture(params=["nftables", "iptables"])
@@ -146,7 +176,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def node(topo: Topology, tmp_path: Path, backend: str) -> Iterator[Node]:
-    n = Node(topo, tmp_path, backend)
+    """The nftables node works through netacct-daemon, the iptables one without: both paths."""
+    n = Node(topo, tmp_path, backend, daemon=(backend == "nftables"))
     topo.reset_servers()
     yield n
     n.cleanup()

@@ -1,0 +1,221 @@
+"""The resident service: the prolog and epilog hand their work to it over a unix socket.
+
+Python and its libraries (pyroute2, sqlite-utils, libnftables) are loaded once here, so a
+prolog costs the kernel's work and little else. The hooks (`client/netacct-hook`) send
+their SLURM environment and a descriptor of their network namespace (SCM_RIGHTS); a worker
+thread joins that namespace (threads have their own), does the work, answers, and only then
+does what may wait (deleting the job's link). If the service is down, does not answer in
+time or runs with another configuration, the hook does the work itself: no job fails
+because of the service.
+
+Protocol (one request per connection): "netacct/1\\0OP\\0KEY=VALUE\\0...", fds [netns,
+resolv.conf?]; answer "RC MESSAGE\\n". RC 75 (EX_TEMPFAIL) means "do it yourself".
+OP "flush" (no fds needed) answers once all deferred work queued before it is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import config as config_mod
+from . import hooks
+from .errors import NetacctError
+from .log import setup as setup_log
+from .netns import CLONE_NEWNET, _libc
+
+SOCKET = Path("/run/slurm-netacct/daemon.sock")
+MAGIC = b"netacct/1"
+TEMPFAIL = 75
+MAX_REQUEST = 1 << 20
+ENV_KEYS = ("SLURM", "NETACCT_")
+
+
+class Daemon:
+    """Accepts hook requests; `workers` jobs are worked on at once."""
+
+    def __init__(self, cfg_path: Path | None, sock_path: Path, workers: int = 4) -> None:
+        self.cfg_path = Path(cfg_path or os.environ.get(config_mod.ENV_VAR) or config_mod.DEFAULT_PATH)
+        self.cfg = config_mod.load(self.cfg_path if self.cfg_path.exists() or cfg_path else None)
+        self.log = setup_log(self.cfg.log_file, "netacct-daemon")
+        self.sock_path = sock_path
+        self.slots = threading.BoundedSemaphore(workers)
+        self.later: queue.Queue[Callable[[], object] | None] = queue.Queue()
+        self.stopping = threading.Event()
+        self.sock: socket.socket | None = None
+        # Load what the first request would otherwise pay for.
+        from . import accounting, lifecycle, netns, nftlib, nftread, store  # noqa: F401
+        import pyroute2  # noqa: F401
+        nftlib._load()
+        if self.cfg.firewall == "iptables" or (self.cfg.firewall == "auto" and accounting.host_iptables_is_legacy()):
+            import iptc  # noqa: F401
+
+    def start(self) -> None:
+        self.sock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        try:
+            self.sock_path.unlink()
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket is root's only: it changes the node's network
+        try:
+            sock.bind(str(self.sock_path))
+        finally:
+            os.umask(old)
+        sock.listen(256)
+        self.sock = sock
+        self.later_thread = threading.Thread(target=self._run_later, name="later", daemon=True)
+        self.later_thread.start()
+        self.log.info("listening on %s (config %s)", self.sock_path, self.cfg_path)
+
+    def serve_forever(self) -> None:
+        assert self.sock is not None
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                if self.stopping.is_set():
+                    break
+                raise
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop accepting; deferred work already queued is still done (see drain)."""
+        self.stopping.set()
+        if self.sock is not None:
+            self.sock.close()
+        try:
+            self.sock_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def drain(self, timeout: float = 30) -> None:
+        self.later.put(None)
+        self.later_thread.join(timeout)
+
+    def _run_later(self) -> None:
+        while True:
+            fn = self.later.get()
+            if fn is None:
+                return
+            try:
+                fn()
+            except Exception:  # logged, never fatal: the reaper finds what is left
+                self.log.exception("deferred teardown failed")
+
+    def _handle(self, conn: socket.socket) -> None:
+        fds: list[int] = []
+        try:
+            conn.settimeout(10)
+            data, fds = _recv_request(conn)
+            parts = data.split(b"\0")
+            if len(parts) >= 2 and parts[0] == MAGIC and parts[1] == b"flush":
+                done = threading.Event()
+                self.later.put(done.set)
+                done.wait(60)
+                conn.sendall(b"0 \n")
+                return
+            if len(parts) < 2 or parts[0] != MAGIC or parts[1] not in (b"prolog", b"epilog") or not fds:
+                conn.sendall(f"{TEMPFAIL} bad request\n".encode())
+                return
+            op = parts[1].decode()
+            env = dict(p.decode(errors="replace").split("=", 1) for p in parts[2:] if b"=" in p)
+            if env.get("NETACCT_FAILPOINT"):  # a test's fault injection runs in the hook itself
+                conn.sendall(f"{TEMPFAIL} failpoints run in-process\n".encode())
+                return
+            wanted = env.get(config_mod.ENV_VAR)
+            if wanted and Path(wanted) != self.cfg_path:
+                conn.sendall(f"{TEMPFAIL} the service runs with config {self.cfg_path}\n".encode())
+                return
+            resolv = Path(f"/proc/self/fd/{fds[1]}") if len(fds) > 1 else None
+            with self.slots:
+                rc, msg = self._in_namespace(fds[0], lambda: hooks.run_hook(
+                    op, env, self.cfg, self.log, resolv_conf=resolv, defer=self._defer_in(fds[0])))
+            conn.sendall(f"{rc} {msg}\n".encode())
+        except (OSError, ValueError) as exc:
+            self.log.error("request failed: %s", exc)
+        finally:
+            conn.close()
+            for fd in fds:
+                os.close(fd)
+
+    def _defer_in(self, ns_fd: int) -> Callable[[Callable[[], object]], None]:
+        """Run fn later, in the requester's network namespace."""
+        def defer(fn: Callable[[], object]) -> None:
+            keep = os.dup(ns_fd)  # the request's own descriptor is closed when it is answered
+
+            def later() -> None:
+                try:
+                    self._in_namespace(keep, fn)
+                finally:
+                    os.close(keep)
+            self.later.put(later)
+        return defer
+
+    def _in_namespace(self, ns_fd: int, fn: Callable[[], object]) -> object:
+        """fn() with this thread in the namespace of ns_fd, then back."""
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _libc.setns(ns_fd, CLONE_NEWNET) != 0:
+                raise OSError("cannot join the hook's network namespace")
+            try:
+                return fn()
+            finally:
+                if _libc.setns(home, CLONE_NEWNET) != 0:
+                    os._exit(70)  # a worker stuck in a job's namespace must not serve again
+        finally:
+            os.close(home)
+
+
+def _recv_request(conn: socket.socket) -> tuple[bytes, list[int]]:
+    data = b""
+    fds: list[int] = []
+    while True:
+        msg, ancdata, _flags, _addr = conn.recvmsg(65536, socket.CMSG_SPACE(4 * array.array("i").itemsize))
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                a = array.array("i")
+                a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
+                fds.extend(a)
+        if not msg:
+            break
+        data += msg
+        if len(data) > MAX_REQUEST:
+            raise ValueError("request too large")
+        if data.endswith(b"\0\0"):  # the client ends its request with an empty entry
+            break
+    return data, fds
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="netacct-daemon", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="config file (default: $NETACCT_CONFIG, /etc/slurm/netacct.toml)")
+    p.add_argument("--socket", type=Path, default=Path(os.environ.get("NETACCT_SOCKET", SOCKET)))
+    p.add_argument("--workers", type=int, default=4, help="jobs worked on at once (default 4)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("PATH", hooks.SAFE_PATH)
+    os.umask(0o077)
+    try:
+        d = Daemon(args.config, args.socket, args.workers)
+        d.start()
+    except NetacctError as exc:
+        print(f"netacct-daemon: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    signal.signal(signal.SIGTERM, lambda *_: d.stop())
+    signal.signal(signal.SIGINT, lambda *_: d.stop())
+    print(f"netacct-daemon: listening on {args.socket}", flush=True)
+    d.serve_forever()
+    d.drain()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""netacct-daemon and its client: the fast path, and every way it can be absent or wrong."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Node, project_leftovers
+from topology import PORT, WAN4, Topology
+
+
+@pytest.fixture
+def dnode(topo: Topology, tmp_path: Path) -> Iterator[Node]:
+    n = Node(topo, tmp_path, "nftables", daemon=True)
+    topo.reset_servers()
+    yield n
+    n.cleanup()
+    assert project_leftovers(topo) == []
+
+
+def _log_lines(node: Node, job: int, ident: str) -> list[str]:
+    return [line for line in node.log.read_text().splitlines() if f" {ident}[" in line and f"job {job}:" in line]
+
+
+def test_hooks_go_through_the_daemon(dnode: Node) -> None:
+    dnode.prolog(7001)
+    dnode.traffic(7001, "tcp-up", WAN4, str(PORT), "200000")
+    dnode.epilog(7001)
+    assert _log_lines(dnode, 7001, "netacct-daemon")  # the daemon did the work ...
+    assert not _log_lines(dnode, 7001, "netacct-prolog")  # ... not the hook
+    [rec] = dnode.report("-j", "7001")
+    assert rec["state"] == "completed" and rec["traffic"]["wan"]["out_bytes"] > 200_000
+    with sqlite3.connect(dnode.db) as conn:
+        assert conn.execute("SELECT * FROM leases").fetchall() == []
+
+
+def test_without_the_daemon_the_hooks_do_the_work(dnode: Node) -> None:
+    dnode.stop_daemon()
+    dnode.prolog(7002)
+    dnode.epilog(7002)
+    assert _log_lines(dnode, 7002, "netacct-prolog") and _log_lines(dnode, 7002, "netacct-epilog")
+
+
+def test_a_daemon_that_hangs_is_given_up_on_within_the_timeout(dnode: Node) -> None:
+    assert dnode.daemon is not None
+    dnode.daemon.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = dnode.hook("prolog", 7003, NETACCT_TIMEOUT="2")
+        elapsed = time.monotonic() - t0
+        assert r.returncode == 0, r.stderr
+        assert 2 <= elapsed < 10  # waited for the daemon 2 s, then did the work itself
+        assert _log_lines(dnode, 7003, "netacct-prolog")
+    finally:
+        dnode.daemon.send_signal(signal.SIGCONT)
+    # The daemon wakes up and finds the request it was sent: the job is already set up.
+    deadline = time.monotonic() + 10
+    while not any("already set up" in line for line in _log_lines(dnode, 7003, "netacct-daemon")):
+        assert time.monotonic() < deadline, dnode.log.read_text()
+        time.sleep(0.05)
+    dnode.epilog(7003)
+
+
+def test_a_daemon_with_another_config_hands_the_work_back(dnode: Node, tmp_path: Path) -> None:
+    other = tmp_path / "other.toml"
+    other.write_text(dnode.config_path.read_text())
+    r = dnode.hook("prolog", 7004, NETACCT_CONFIG=str(other))
+    assert r.returncode == 0, r.stderr
+    assert _log_lines(dnode, 7004, "netacct-prolog") and not _log_lines(dnode, 7004, "netacct-daemon")
+    r = dnode.hook("epilog", 7004, NETACCT_CONFIG=str(other))
+    assert r.returncode == 0
+
+
+def test_daemon_restart_between_prolog_and_epilog(dnode: Node) -> None:
+    dnode.prolog(7005)
+    dnode.stop_daemon()
+    dnode.start_daemon()
+    dnode.traffic(7005, "tcp-up", WAN4, str(PORT), "100000")
+    dnode.epilog(7005)
+    [rec] = dnode.report("-j", "7005")
+    assert rec["traffic"]["wan"]["out_bytes"] > 100_000
+
+
+def test_errors_come_back_through_the_daemon(dnode: Node) -> None:
+    r = dnode.hook("prolog", "../x")
+    assert r.returncode == 4 and r.stderr == "netacct-prolog: job '../x': SLURM_JOB_ID: job id '../x' is not a positive decimal number\n"
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_daemon_memory_stays_flat(dnode: Node) -> None:
+    """A short version of bench/hooks.py --cycles 10000: RSS after warm-up vs. after more jobs."""
+    assert dnode.daemon is not None
+    pid = dnode.daemon.pid
+
+    def cycles(first: int, n: int) -> None:
+        for j in range(first, first + n):
+            dnode.prolog(j)
+            dnode.epilog(j)
+
+    cycles(10_000, 100)
+    warm = _rss_kib(pid)
+    cycles(20_000, 300)
+    after = _rss_kib(pid)
+    assert after - warm < 2048, (warm, after)  # KiB: no per-job growth (300 jobs would show it)
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    assert fds < 20, os.listdir(f"/proc/{pid}/fd")
