@@ -89,8 +89,16 @@ int main(int argc, char **argv)
 	PUT("netacct/1");
 	PUT(op);
 	for (e = environ; *e; e++)
-		if (wanted(*e))
+		if (wanted(*e) && strncmp(*e, "NETACCT_HOST=", 13) != 0)
 			PUT(*e);
+	{       /* our short host name, for %h in netns_prefix (as the SPANK plugin sees it) */
+		char host[300] = "NETACCT_HOST=";
+
+		if (gethostname(host + 13, sizeof(host) - 14) == 0) {
+			host[13 + strcspn(host + 13, ".")] = '\0';
+			PUT(host);
+		}
+	}
 	buf[len++] = '\0';
 
 	fds[nfds] = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);

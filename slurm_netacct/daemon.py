@@ -47,7 +47,8 @@ class Daemon:
         self.cfg = config_mod.load(self.cfg_path if self.cfg_path.exists() or cfg_path else None)
         self.log = setup_log(self.cfg.log_file, "netacct-daemon")
         self.sock_path = sock_path
-        self.slots = threading.BoundedSemaphore(workers)
+        self.workers = workers
+        self.conns: queue.Queue[socket.socket | None] = queue.Queue()
         self.later: queue.Queue[Callable[[], object] | None] = queue.Queue()
         self.stopping = threading.Event()
         self.sock: socket.socket | None = None
@@ -74,6 +75,9 @@ class Daemon:
         self.sock = sock
         self.later_thread = threading.Thread(target=self._run_later, name="later", daemon=True)
         self.later_thread.start()
+        # A fixed pool of workers (not a thread per request): memory stays flat.
+        for i in range(self.workers):
+            threading.Thread(target=self._work, name=f"worker-{i}", daemon=True).start()
         self.log.info("listening on %s (config %s)", self.sock_path, self.cfg_path)
 
     def serve_forever(self) -> None:
@@ -85,7 +89,7 @@ class Daemon:
                 if self.stopping.is_set():
                     break
                 raise
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+            self.conns.put(conn)
 
     def stop(self) -> None:
         """Stop accepting; deferred work already queued is still done (see drain)."""
@@ -100,6 +104,13 @@ class Daemon:
     def drain(self, timeout: float = 30) -> None:
         self.later.put(None)
         self.later_thread.join(timeout)
+
+    def _work(self) -> None:
+        while True:
+            conn = self.conns.get()
+            if conn is None:
+                return
+            self._handle(conn)
 
     def _run_later(self) -> None:
         while True:
@@ -136,9 +147,8 @@ class Daemon:
                 conn.sendall(f"{TEMPFAIL} the service runs with config {self.cfg_path}\n".encode())
                 return
             resolv = Path(f"/proc/self/fd/{fds[1]}") if len(fds) > 1 else None
-            with self.slots:
-                rc, msg = self._in_namespace(fds[0], lambda: hooks.run_hook(
-                    op, env, self.cfg, self.log, resolv_conf=resolv, defer=self._defer_in(fds[0])))
+            rc, msg = self._in_namespace(fds[0], lambda: hooks.run_hook(
+                op, env, self.cfg, self.log, resolv_conf=resolv, defer=self._defer_in(fds[0])))
             conn.sendall(f"{rc} {msg}\n".encode())
         except (OSError, ValueError) as exc:
             self.log.error("request failed: %s", exc)
@@ -200,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="config file (default: $NETACCT_CONFIG, /etc/slurm/netacct.toml)")
     p.add_argument("--socket", type=Path, default=Path(os.environ.get("NETACCT_SOCKET", SOCKET)))
-    p.add_argument("--workers", type=int, default=4, help="jobs worked on at once (default 4)")
+    p.add_argument("--workers", type=int, default=4, help="worker threads: jobs worked on at once (default 4)")
     args = p.parse_args(argv)
     os.environ.setdefault("PATH", hooks.SAFE_PATH)
     os.umask(0o077)

@@ -41,6 +41,7 @@ def job_info(env: Mapping[str, str]) -> store.JobInfo:
         uid=int(uid) if uid and uid.isdigit() else None,
         account=opt("SLURM_JOB_ACCOUNT"),
         partition=opt("SLURM_JOB_PARTITION"),
+        host=opt("NETACCT_HOST"),  # set by netacct-hook: the daemon's host name may differ
     )
 
 

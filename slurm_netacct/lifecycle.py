@@ -109,7 +109,7 @@ def setup_job(cfg: Config, info: store.JobInfo, resolv_conf: Path | None = None)
     that this call made is removed again before the error propagates.
     """
     log = get_log()
-    names = JobNames.of(cfg, info.job_id)
+    names = JobNames.of(cfg, info.job_id, info.host)
     jid = info.job_id
     backend = accounting.backend(cfg)
     plan = node_plan(cfg, info.node, resolv_conf=resolv_conf)
@@ -197,7 +197,7 @@ def teardown_job(cfg: Config, info: store.JobInfo,
     answered). Idempotent; returns the state recorded.
     """
     log = get_log()
-    names = JobNames.of(cfg, info.job_id)
+    names = JobNames.of(cfg, info.job_id, info.host)
     jid = info.job_id
     db = store.connect(cfg.db_for(info.node))
     try:

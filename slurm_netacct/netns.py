@@ -34,8 +34,15 @@ class JobAddresses:
     ipv6: ipaddress.IPv6Address | None = None
 
 
+_NSFS_DEV: int | None = None
+
+
 def _nsfs_dev() -> int:
-    return os.stat("/proc/self/ns/net").st_dev
+    """The device number of nsfs, where every namespace file lives (fixed while we run)."""
+    global _NSFS_DEV
+    if _NSFS_DEV is None:
+        _NSFS_DEV = os.stat("/proc/self/ns/net").st_dev
+    return _NSFS_DEV
 
 
 def is_netns(path: Path) -> bool:

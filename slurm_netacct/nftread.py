@@ -11,6 +11,7 @@ import errno
 import os
 import socket
 import struct
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -42,51 +43,74 @@ def _request(table: str, seq: int) -> bytes:
     return struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
 
-def _attrs(data: bytes) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    pos = 0
-    while pos + 4 <= len(data):
-        length, kind = struct.unpack_from("=HH", data, pos)
+_NLA = struct.Struct("=HH")
+_NLMSG = struct.Struct("=IHHII")
+_U64 = struct.Struct("!Q")
+
+
+def _attrs(data: bytes, start: int = 0, end: int | None = None) -> dict[int, tuple[int, int]]:
+    """Netlink attributes in data[start:end] as {type: (offset, end offset)} (no copies)."""
+    out: dict[int, tuple[int, int]] = {}
+    unpack = _NLA.unpack_from
+    pos = start
+    stop = len(data) if end is None else end
+    while pos + 4 <= stop:
+        length, kind = unpack(data, pos)
         if length < 4:
             break
-        out[kind & ~NLA_F_NESTED] = data[pos + 4: pos + length]
+        out[kind & 0x7FFF] = (pos + 4, pos + length)
         pos += (length + 3) & ~3
     return out
 
 
+_local = threading.local()
+
+
+def _home() -> int:
+    """A descriptor of the namespace this thread is in now, kept open per thread and
+    namespace (a command's main thread has one; a daemon worker one per node it serves)."""
+    ino = os.stat("/proc/thread-self/ns/net").st_ino
+    fds: dict[int, int] = _local.__dict__.setdefault("homes", {})
+    fd = fds.get(ino)
+    if fd is None:
+        fd = fds[ino] = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    return fd
+
+
 def _open_in(path: Path) -> socket.socket:
     """A netlink socket that belongs to the namespace at path; the caller stays where it is."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    home = _home()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(errno.EINVAL, f"setns {path}")
         try:
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
-                raise OSError(errno.EINVAL, f"setns {path}")
-            try:
-                return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-            finally:
-                if _libc.setns(home, CLONE_NEWNET) != 0:  # never stay in a job's namespace
-                    raise SetupError("cannot return to the original network namespace")
+            return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         finally:
-            os.close(fd)
+            if _libc.setns(home, CLONE_NEWNET) != 0:  # never stay in a job's namespace
+                raise SetupError("cannot return to the original network namespace")
     finally:
-        os.close(home)
+        os.close(fd)
 
 
 def read_table(path: Path, table: str) -> dict[str, tuple[int, int]]:
     """{counter name: (packets, bytes)} of table `inet <table>` in the namespace at path."""
-    if not is_netns(path):
-        raise FileNotFoundError(errno.ENOENT, "no such network namespace", str(path))
-    sock = _open_in(path)
     try:
-        sock.bind((0, 0))
-        sock.send(_request(table, 1))
+        sock = _open_in(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "no such network namespace", str(path)) from None
+    except OSError as exc:
+        if not is_netns(path):  # a leftover plain file, not a namespace
+            raise FileNotFoundError(errno.ENOENT, "not a network namespace", str(path)) from None
+        raise SetupError(f"cannot join {path}: {exc}") from None
+    try:
+        sock.send(_request(table, 1))  # the kernel binds the socket on first send
         found: dict[str, tuple[int, int]] = {}
         while True:
             data = sock.recv(65536)
             pos = 0
             while pos + 16 <= len(data):
-                length, mtype, _flags, _seq, _pid = struct.unpack_from("=IHHII", data, pos)
+                length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(data, pos)
                 if mtype == NLMSG_DONE:
                     return found
                 if mtype == NLMSG_ERROR:
@@ -95,11 +119,12 @@ def read_table(path: Path, table: str) -> dict[str, tuple[int, int]]:
                         return found
                     raise OSError(-code, f"nftables counters of {table} in {path}: {os.strerror(-code)}")
                 if mtype == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ:
-                    attrs = _attrs(data[pos + 20: pos + length])  # after nlmsghdr + nfgenmsg
-                    name = attrs.get(NFTA_OBJ_NAME, b"").rstrip(b"\0").decode()
-                    counter = _attrs(attrs.get(NFTA_OBJ_DATA, b""))
-                    (nbytes,) = struct.unpack("!Q", counter[NFTA_COUNTER_BYTES])
-                    (npackets,) = struct.unpack("!Q", counter[NFTA_COUNTER_PACKETS])
+                    attrs = _attrs(data, pos + 20, pos + length)  # after nlmsghdr + nfgenmsg
+                    a, b = attrs[NFTA_OBJ_NAME]
+                    name = data[a:b].rstrip(b"\0").decode()
+                    counter = _attrs(data, *attrs[NFTA_OBJ_DATA])
+                    (nbytes,) = _U64.unpack_from(data, counter[NFTA_COUNTER_BYTES][0])
+                    (npackets,) = _U64.unpack_from(data, counter[NFTA_COUNTER_PACKETS][0])
                     found[name] = (npackets, nbytes)
                 pos += (length + 3) & ~3
     finally:

@@ -46,6 +46,7 @@ class JobInfo:
     uid: int | None = None
     account: str | None = None
     partition: str | None = None
+    host: str | None = None  # the host name for %h in netns_prefix (default: this host's)
 
 
 def connect(path: Path, create: bool = True) -> sqlite_utils.Database:

@@ -101,7 +101,13 @@ def cluster() -> Iterator[Cluster]:
     topo.up()
     slurm = None
     stub = None
+    daemon = None
     try:
+        # One netacct-daemon serves the prologs and epilogs of all three nodes (each request
+        # carries its node's network namespace).
+        daemon = subprocess.Popen([str(VENV_BIN / "netacct-daemon"), "--config", str(config),
+                                   "--socket", str(work / "daemon.sock")], stdout=subprocess.PIPE, text=True)
+        assert daemon.stdout is not None and daemon.stdout.readline().startswith("netacct-daemon: listening")
         stub = subprocess.Popen(["nsenter", f"--net=/run/netns/{topo.node_ns(2)}", "python3",
                                  str(ROOT / "tests" / "dnsstub.py"), "127.0.0.53", f"lanserver.netacct.test={LAN4}"],
                                 stdout=subprocess.PIPE)
@@ -113,7 +119,7 @@ def cluster() -> Iterator[Cluster]:
         nodes[2].mount_setup = f"mount --bind {work}/resolv.conf /etc/resolv.conf"
         slurm = SlurmCluster(work, topo.ctl, CTL4, nodes, prolog=str(ROOT / "prolog"), epilog=str(ROOT / "epilog"),
                              plugstack_lines=[f"required {ROOT}/spank/netacct.so netns_dir=/run/netns prefix={JOB_PREFIX}"],
-                             extra_env={"NETACCT_CONFIG": str(config)})
+                             extra_env={"NETACCT_CONFIG": str(config), "NETACCT_SOCKET": str(work / "daemon.sock")})
         slurm.start()
         yield Cluster(topo, slurm, work, config)
     finally:
@@ -122,6 +128,9 @@ def cluster() -> Iterator[Cluster]:
         if stub is not None:
             stub.terminate()
             stub.wait(timeout=10)
+        if daemon is not None:
+            daemon.terminate()  # it finishes its deferred work (link deletions) first
+            assert daemon.wait(timeout=30) == 0
         try:
             leftovers = [n for n in os.listdir("/run/netns") if n.startswith(BASE)]
             for i in range(len(topo.nodes)):
@@ -275,3 +284,8 @@ python3 {cluster.work}/traffic.py tcp-up lanserver.netacct.test {PORT} 100000
     [rec] = cluster.report("-j", str(job))
     assert rec["nodes"] == ["n3"] and rec["traffic"]["lan"]["out_bytes"] > 100_000
     assert rec["traffic"]["wan"]["out_packets"] == 0
+
+
+def test_the_daemon_did_the_work(cluster: Cluster) -> None:
+    logs = "".join(p.read_text() for p in cluster.work.glob("netacct-*.log"))
+    assert " netacct-daemon[" in logs and " netacct-prolog[" not in logs, logs[-2000:]

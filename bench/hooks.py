@@ -1,0 +1,134 @@
+"""Benchmark: prolog and epilog as SLURM runs them, with 0 and with N other jobs on the node.
+
+Runs the real `prolog` and `epilog` executables (as slurmd would: no PATH, SLURM env) inside
+the sandbox node (tests/topology.py), through netacct-daemon and without it (the fallback),
+reports medians; then reads every running job's counters with N jobs loaded; and, with
+--cycles, runs that many prolog/epilog pairs through the daemon, recording its RSS.
+    .venv/bin/python bench/hooks.py [--jobs 1000] [--runs 50] [--cycles 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from topology import UPLINK, Topology  # noqa: E402
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return -1
+
+
+class Bench:
+    def __init__(self, topo: Topology, work: Path) -> None:
+        self.topo = topo
+        self.work = work
+        self.cfg = work / "netacct.toml"
+        self.cfg.write_text(f'uplink = "{UPLINK}"\nnetns_prefix = "{topo.tag}j-"\ndb = "{work}/n.db"\n'
+                            f'log_file = "{work}/netacct.log"\n')
+        self.sock = work / "daemon.sock"
+        self.daemon: subprocess.Popen[str] | None = None
+
+    def start_daemon(self) -> None:
+        self.daemon = subprocess.Popen([str(ROOT / ".venv/bin/netacct-daemon"), "--config", str(self.cfg),
+                                        "--socket", str(self.sock)], stdout=subprocess.PIPE, text=True)
+        assert self.daemon.stdout is not None
+        self.daemon.stdout.readline()
+
+    def stop_daemon(self) -> None:
+        if self.daemon is not None:
+            self.daemon.terminate()
+            self.daemon.wait(timeout=120)
+            self.daemon = None
+
+    def hook(self, which: str, job: int) -> float:
+        env = {"NETACCT_CONFIG": str(self.cfg), "NETACCT_SOCKET": str(self.sock), "SLURM_JOB_ID": str(job),
+               "SLURMD_NODENAME": "n1", "SLURM_JOB_USER": "bench", "SLURM_JOB_UID": "1000"}
+        t0 = time.perf_counter()
+        r = subprocess.run(["nsenter", f"--net=/run/netns/{self.topo.node}", str(ROOT / which)], env=env,
+                           capture_output=True, text=True)
+        dt = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise SystemExit(f"{which} {job}: {r.stderr}")
+        return dt
+
+    def pairs(self, first: int, n: int) -> tuple[float, float]:
+        pro, epi = [], []
+        for j in range(first, first + n):
+            pro.append(self.hook("prolog", j))
+            epi.append(self.hook("epilog", j))
+        return statistics.median(pro) * 1e3, statistics.median(epi) * 1e3
+
+    def read_all_ms(self) -> float:
+        code = ("import sys, time, statistics; from pathlib import Path; "
+                "from slurm_netacct import config, sample, netns; "
+                f"netns.setns(Path('/run/netns/{self.topo.node}')); cfg = config.load('{self.cfg}'); "
+                "ts = []\n"
+                "for _ in range(5):\n"
+                "    t = time.perf_counter(); r = sample.read_live(cfg, 'n1'); ts.append(time.perf_counter() - t)\n"
+                "print(statistics.median(ts) * 1e3, len(r.traffic))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        print(f"  read {out[1]} jobs' counters", flush=True)
+        return float(out[0])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=1000, help="other jobs on the node for the loaded runs")
+    ap.add_argument("--runs", type=int, default=50, help="prolog/epilog pairs per measurement")
+    ap.add_argument("--cycles", type=int, default=0, help="daemon memory run: this many pairs")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    tag = f"hb{os.getpid() % 10000}-"
+    work = Path(tempfile.mkdtemp(prefix="netacct-bench-hooks-"))
+    topo = Topology(tag).up()
+    b = Bench(topo, work)
+    res: dict[str, float | list[tuple[int, int]]] = {}
+    try:
+        res["fallback_prolog_ms"], res["fallback_epilog_ms"] = b.pairs(1, max(5, args.runs // 5))
+        print(f"without daemon, 0 other jobs: prolog {res['fallback_prolog_ms']:.1f} ms, epilog {res['fallback_epilog_ms']:.1f} ms", flush=True)
+        b.start_daemon()
+        b.pairs(100, 5)  # warm-up
+        res["prolog0_ms"], res["epilog0_ms"] = b.pairs(1000, args.runs)
+        print(f"daemon, 0 other jobs: prolog {res['prolog0_ms']:.1f} ms, epilog {res['epilog0_ms']:.1f} ms", flush=True)
+        t0 = time.perf_counter()
+        for j in range(100_000, 100_000 + args.jobs):
+            b.hook("prolog", j)
+        print(f"loaded {args.jobs} jobs in {time.perf_counter() - t0:.1f} s", flush=True)
+        res["prologN_ms"], res["epilogN_ms"] = b.pairs(2000, args.runs)
+        print(f"daemon, {args.jobs} other jobs: prolog {res['prologN_ms']:.1f} ms, epilog {res['epilogN_ms']:.1f} ms", flush=True)
+        res["read_all_ms"] = b.read_all_ms()
+        print(f"reading every running job's counters ({args.jobs}): {res['read_all_ms']:.1f} ms", flush=True)
+        for j in range(100_000, 100_000 + args.jobs):
+            b.hook("epilog", j)
+        if args.cycles and b.daemon is not None:
+            samples: list[tuple[int, int]] = [(0, rss_kib(b.daemon.pid))]
+            step = max(1, args.cycles // 10)
+            for k in range(0, args.cycles, step):
+                b.pairs(200_000 + k, min(step, args.cycles - k))
+                samples.append((k + step, rss_kib(b.daemon.pid)))
+                print(f"  after {k + step} jobs: daemon RSS {samples[-1][1]} KiB", flush=True)
+            res["rss_kib"] = samples
+    finally:
+        b.stop_daemon()
+        topo.down()
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
