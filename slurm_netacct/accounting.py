@@ -141,10 +141,12 @@ class Nftables:
     def ruleset(self, cfg: Config, plan: NodePlan | None = None) -> str:
         """The job namespace's complete table, as `nft -f` input (replaces any old one)."""
         t = naming.NFT_TABLE
+        spec = rules(cfg)  # the rules, described once: sets, chains and counters follow them
         lines = [f"table inet {t} {{}}", f"delete table inet {t}", f"table inet {t} {{"]
         by_set: dict[str, list[str]] = {}
-        for klass, prefix in cfg.class_prefixes():
-            by_set.setdefault(f"{klass}_v{prefix.version}", []).append(str(prefix))
+        for r in spec:
+            if r.direction == "out" and r.prefix is not None:
+                by_set.setdefault(f"{r.klass}_v{r.prefix.version}", []).append(str(r.prefix))
         for set_name, prefixes in by_set.items():
             kind = "ipv4_addr" if set_name.endswith("_v4") else "ipv6_addr"
             lines.append(f"  set {set_name} {{ type {kind}; flags interval; auto-merge; "
@@ -161,14 +163,18 @@ class Nftables:
             lines.append(f'    {ifmatch} "lo" return')
             lines.append(f"    icmpv6 type {{ {link_types} }} return")
             seen: set[str] = set()
-            for klass, prefix in cfg.class_prefixes():
-                set_name = f"{klass}_v{prefix.version}"
+            for r in spec:
+                if r.direction != d:
+                    continue
+                if r.prefix is None:  # the catch-all: the default class
+                    lines.append(f'    counter name "{naming.counter_name(r.klass, d)}"')
+                    continue
+                set_name = f"{r.klass}_v{r.prefix.version}"
                 if set_name in seen:
                     continue
                 seen.add(set_name)
-                fam = "ip" if prefix.version == 4 else "ip6"
-                lines.append(f'    {fam} {field} @{set_name} counter name "{naming.counter_name(klass, d)}" return')
-            lines.append(f'    counter name "{naming.counter_name(cfg.default_class, d)}"')
+                fam = "ip" if r.prefix.version == 4 else "ip6"
+                lines.append(f'    {fam} {field} @{set_name} counter name "{naming.counter_name(r.klass, d)}" return')
             lines.append("  }")
         if plan is not None and plan.dns_stub is not None:
             lines += [
@@ -318,12 +324,11 @@ def _ipt_install(cfg: Config, version: int, plan: NodePlan) -> None:
                 main.append_rule(r)
         for klass in cfg.class_names:
             table.create_chain(_ipt_chain(klass, d)).append_rule(_ipt_rule(rule_cls, "RETURN"))
-        for klass, prefix in cfg.class_prefixes():
-            if prefix.version != version:
+        for r in rules(cfg):  # the same rule list as nftables, first match wins
+            if r.direction != d or (r.prefix is not None and r.prefix.version != version):
                 continue
-            match = {"dst": str(prefix)} if d == "out" else {"src": str(prefix)}
-            main.append_rule(_ipt_rule(rule_cls, _ipt_chain(klass, d), goto=True, **match))
-        main.append_rule(_ipt_rule(rule_cls, _ipt_chain(cfg.default_class, d), goto=True))
+            match = {} if r.prefix is None else ({"dst": str(r.prefix)} if d == "out" else {"src": str(r.prefix)})
+            main.append_rule(_ipt_rule(rule_cls, _ipt_chain(r.klass, d), goto=True, **match))
         iptc.Chain(table, builtin).insert_rule(_ipt_rule(rule_cls, naming.ipt_chain(d)))
     table.commit()
     if version == 4 and plan.dns_stub is not None:

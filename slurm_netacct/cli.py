@@ -400,3 +400,53 @@ def routes_main(argv: Sequence[str] | None = None) -> None:
         print(f"installed {added} routes, removed {removed} stale ones")
     except NetacctError as exc:
         sys.exit(_fail(prog, exc))
+
+
+# --------------------------------------------------------------------------- netacct-reconcile
+
+def reconcile_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="netacct-reconcile",
+                description="Find what slurm-netacct left on this node for jobs that are no longer "
+                            "here (crashes, reboots), store the counters that still exist (state "
+                            "\"reconciled\") and remove the rest. Asks SLURM (squeue) which jobs are "
+                            "active on the node; if SLURM cannot answer, touches nothing.",
+                epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--node", metavar="NAME", help="this node's SLURM name (default: $SLURMD_NODENAME, "
+                   "else the short host name)")
+    p.add_argument("--active", metavar="ID[,ID...]",
+                   help="the jobs active on this node, instead of asking squeue ('' for none)")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be reconciled")
+    return p
+
+
+def reconcile_main(argv: Sequence[str] | None = None) -> None:
+    from . import reaper
+    from .log import setup as setup_log
+
+    prog = "netacct-reconcile"
+    try:
+        args = reconcile_parser().parse_args(argv)
+        os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        os.umask(0o077)
+        cfg = config_mod.load()
+        setup_log(cfg.log_file, prog)
+        node = args.node or os.environ.get("SLURMD_NODENAME") or naming.short_hostname()
+        if args.active is not None:
+            active = parse_job_list([args.active]) if args.active.strip() else set()
+        else:
+            active = reaper.slurm_active_jobs(node)
+        result = reaper.reconcile(cfg, node, active, dry_run=args.dry_run)
+        if active is None:
+            print(f"{prog}: SLURM cannot be asked which jobs run on {node}: nothing touched "
+                  f"({len(result.found)} jobs with leftovers)", file=sys.stderr)
+            return
+        for job, what in sorted(result.found.items()):
+            if job in result.kept:
+                continue
+            done = result.reconciled.get(job) or (f"FAILED: {result.failed[job]}" if job in result.failed
+                                                  else "would be reconciled")
+            print(f"job {job}: {'; '.join(what)} -> {done}")
+        if result.failed:
+            sys.exit(7)
+    except NetacctError as exc:
+        sys.exit(_fail(prog, exc))

@@ -186,7 +186,8 @@ def traffic_of(counters: accounting.Counters, cfg: Config) -> dict[str, dict[str
 
 
 def teardown_job(cfg: Config, info: store.JobInfo,
-                 defer: Callable[[Callable[[], object]], None] | None = None) -> str:
+                 defer: Callable[[Callable[[], object]], None] | None = None,
+                 done_state: str = "completed") -> str:
     """Snapshot the job's counters into the store, then remove all of the job's objects.
 
     The link is set down first (no packet can pass after the snapshot), then the counters are
@@ -194,7 +195,8 @@ def teardown_job(cfg: Config, info: store.JobInfo,
     cannot be written the namespace and its counters stay, the error propagates, and a later
     epilog run or the reaper can still record them. Deleting the link is the slow part
     (~15 ms in the kernel); `defer`, if given, runs it later (the daemon does, after it has
-    answered). Idempotent; returns the state recorded.
+    answered). `done_state` is what a job whose counters were read is recorded as
+    (the reaper records "reconciled"). Idempotent; returns the state recorded.
     """
     log = get_log()
     names = JobNames.of(cfg, info.job_id, info.host)
@@ -204,6 +206,7 @@ def teardown_job(cfg: Config, info: store.JobInfo,
         row = store.job_row(db, info)
         if netns.link_down(names.host_if):
             log.info("job %d: link %s down", jid, names.host_if)
+        failpoint("down")
         if netns.is_netns(names.netns_path):
             bname = (row or {}).get("backend") or accounting.backend(cfg).name
             backend = accounting.Iptables() if bname == "iptables" else accounting.Nftables()
@@ -216,9 +219,9 @@ def teardown_job(cfg: Config, info: store.JobInfo,
                 state = STATE_LOST
             else:
                 traffic = traffic_of(counters, cfg)
-                store.record_end(db, info, STATE_COMPLETED, traffic)
-                log.info("job %d: counters stored: %s", jid, _summary(traffic))
-                state = STATE_COMPLETED
+                store.record_end(db, info, done_state, traffic)
+                log.info("job %d: counters stored (%s): %s", jid, done_state, _summary(traffic))
+                state = done_state
         elif row is not None and row["state"] == "running":
             store.record_end(db, info, STATE_LOST, None)
             log.error("job %d: namespace %s was gone; its counters are lost", jid, names.netns)
@@ -226,8 +229,10 @@ def teardown_job(cfg: Config, info: store.JobInfo,
         else:
             log.info("job %d: nothing to tear down (no prolog, or already done)", jid)
             state = row["state"] if row else "none"
+        failpoint("stored")
         if netns.remove(names.netns_path):
             log.info("job %d: namespace %s removed", jid, names.netns)
+        failpoint("removed")
 
         def finish() -> None:
             """Delete the link, then free the job's address (not before: its routes go with it)."""

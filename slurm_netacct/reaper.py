@@ -1,0 +1,130 @@
+"""The reaper (netacct-reconcile): finds what the project left for jobs no longer on the node
+(a crashed prolog or epilog, a node that rebooted, a daemon killed mid-work), stores the
+counters that still exist, marks those jobs "reconciled", and removes the rest.
+
+It only ever touches objects whose names carry the project's prefixes and a job id, and only
+for jobs that SLURM says are not on this node; if SLURM cannot be asked, it touches nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+from . import lifecycle, naming, netns, store
+from .config import Config
+from .errors import SetupError
+from .log import get as get_log
+
+STATE_RECONCILED = "reconciled"
+# Job states in which a job may still have (or be about to get) its namespace on a node.
+ACTIVE_STATES = "CONFIGURING,RUNNING,COMPLETING,SUSPENDED,STOPPED,SIGNALING,STAGE_OUT,RESIZING"
+
+
+@dataclass
+class ReconcileResult:
+    """What was found, and what was done about it."""
+
+    found: dict[int, list[str]] = field(default_factory=dict)  # job id -> what was left
+    reconciled: dict[int, str] = field(default_factory=dict)  # job id -> state recorded
+    kept: list[int] = field(default_factory=list)  # still active according to SLURM
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+def slurm_active_jobs(node: str, squeue: str | None = None, timeout: float = 30) -> set[int] | None:
+    """Job ids SLURM has on this node in an active state; None if SLURM cannot be asked."""
+    exe = squeue or shutil.which("squeue") or shutil.which("squeue", path="/usr/bin:/usr/local/bin")
+    if exe is None:
+        return None
+    try:
+        proc = subprocess.run([exe, "-h", "-w", node, "-t", ACTIVE_STATES, "-o", "%A"],
+                              capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    jobs: set[int] = set()
+    for word in proc.stdout.split():
+        try:
+            jobs.add(naming.parse_job_id(word))
+        except ValueError:
+            return None  # an answer we do not understand is no answer
+    return jobs
+
+
+def leftovers(cfg: Config, node: str) -> dict[int, list[str]]:
+    """Every job with something of the project on this node: namespaces, links, DB rows, leases."""
+    found: dict[int, list[str]] = {}
+    prefix = naming.expand_prefix(cfg.netns_prefix)
+    try:
+        names = os.listdir(cfg.netns_dir)
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        job = naming.job_id_from_netns(prefix, name)
+        if job is not None:
+            found.setdefault(job, []).append(f"namespace {name}")
+    for link in netns.list_links():
+        job = naming.job_id_from_ifname(cfg.ifname_prefix, link)
+        if job is not None:
+            found.setdefault(job, []).append(f"link {link}")
+    path = cfg.db_for(node)
+    if path.exists():
+        db = store.connect(path)
+        try:
+            for row in store.running_jobs(db, node):
+                found.setdefault(int(row["job_id"]), []).append(f"running row (run {row['restart']})")
+            for (job,) in db.conn.execute("SELECT job_id FROM leases WHERE node = ?", (node,)):
+                found.setdefault(int(job), []).append("address lease")
+        finally:
+            db.close()
+    return found
+
+
+def reconcile(cfg: Config, node: str, active: set[int] | None, dry_run: bool = False) -> ReconcileResult:
+    """Tear down every leftover of jobs not in `active`; with active None, only report."""
+    from .hooks import job_lock
+
+    log = get_log()
+    result = ReconcileResult(found=leftovers(cfg, node))
+    if active is None:
+        log.warning("reconcile: SLURM cannot be asked which jobs run on %s: nothing touched (%d jobs "
+                    "with leftovers)", node, len(result.found))
+        return result
+    for job, what in sorted(result.found.items()):
+        if job in active:
+            result.kept.append(job)
+            continue
+        if dry_run:
+            continue
+        info = _job_info(cfg, node, job)
+        try:
+            with job_lock(info):
+                state = lifecycle.teardown_job(cfg, info, done_state=STATE_RECONCILED)
+            if state == "lost":
+                state = STATE_RECONCILED + " (counters lost)"
+            result.reconciled[job] = state
+            log.warning("job %d: reconciled (%s): %s", job, "; ".join(what), state)
+        except (SetupError, OSError) as exc:
+            result.failed[job] = str(exc)
+            log.error("job %d: reconcile failed: %s", job, exc)
+    return result
+
+
+def _job_info(cfg: Config, node: str, job: int) -> store.JobInfo:
+    """The newest run of the job on this node, as the store knows it."""
+    path = cfg.db_for(node)
+    if path.exists():
+        db = store.connect(path)
+        try:
+            cur = db.conn.execute("SELECT restart, user, uid, account, partition FROM jobs WHERE job_id = ? "
+                                  "AND node = ? ORDER BY restart DESC LIMIT 1", (job, node))
+            row = cur.fetchone()
+        finally:
+            db.close()
+        if row is not None:
+            return store.JobInfo(job_id=job, node=node, restart=row[0], user=row[1], uid=row[2],
+                                 account=row[3], partition=row[4])
+    return store.JobInfo(job_id=job, node=node)

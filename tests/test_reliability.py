@@ -1,0 +1,150 @@
+"""Crashes, leftovers and load: the reaper, SIGKILL at every step, 64 jobs landing at once."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import VENV_BIN, Node, project_leftovers
+from topology import PORT, WAN4, in_ns
+
+SETUP_STEPS = ["lease", "netns", "link", "rules", "node"]
+TEARDOWN_STEPS = ["down", "stored", "removed"]
+
+
+def reconcile(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, NETACCT_CONFIG=str(node.config_path), SLURMD_NODENAME="n1")
+    return subprocess.run(["nsenter", f"--net=/run/netns/{node.topo.node}", str(VENV_BIN / "netacct-reconcile"),
+                           *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def _state(node: Node, job: int) -> str | None:
+    with sqlite3.connect(node.db) as conn:
+        row = conn.execute("SELECT state FROM jobs WHERE job_id = ? ORDER BY restart DESC", (job,)).fetchone()
+    return row[0] if row else None
+
+
+def _traffic(node: Node, job: int) -> dict[str, tuple[int, int, int, int]]:
+    with sqlite3.connect(node.db) as conn:
+        return {k: (a, b, c, d) for k, a, b, c, d in conn.execute(
+            "SELECT class, in_bytes, out_bytes, in_packets, out_packets FROM traffic WHERE job_id = ?", (job,))}
+
+
+def _live(node: Node, job: int) -> dict[str, tuple[int, int, int, int]]:
+    c = node.live(job)
+    return {k: (c[(k, "in")].bytes, c[(k, "out")].bytes, c[(k, "in")].packets, c[(k, "out")].packets)
+            for k in ("lan", "wan")}
+
+
+def test_reconcile_stores_the_counters_of_a_job_whose_epilog_never_ran(node: Node) -> None:
+    node.prolog(8001)
+    node.traffic(8001, "tcp-up", WAN4, str(PORT), "300000")
+    live = _live(node, 8001)
+    r = reconcile(node, "--active", "")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("job 8001: namespace ") and r.stdout.rstrip().endswith("-> reconciled")
+    node.started.discard(8001)
+    node.settle()
+    assert _state(node, 8001) == "reconciled"
+    assert _traffic(node, 8001) == live and live["wan"][1] > 300_000
+    assert project_leftovers(node.topo) == []
+    with sqlite3.connect(node.db) as conn:
+        assert conn.execute("SELECT * FROM leases").fetchall() == []
+
+
+def test_reconcile_leaves_active_jobs_alone(node: Node) -> None:
+    node.prolog(8002)
+    node.prolog(8003)
+    r = reconcile(node, "--active", "8002")
+    assert r.returncode == 0, r.stderr
+    assert "job 8003:" in r.stdout and "job 8002" not in r.stdout
+    assert _state(node, 8002) == "running" and _state(node, 8003) == "reconciled"
+    node.traffic(8002, "tcp-up", WAN4, str(PORT), "1000")  # 8002 still works
+    node.started.discard(8003)
+    node.epilog(8002)
+
+
+def test_reconcile_touches_nothing_when_slurm_cannot_be_asked(node: Node, tmp_path: Path) -> None:
+    node.prolog(8004)
+    env = dict(os.environ, NETACCT_CONFIG=str(node.config_path), SLURMD_NODENAME="n1",
+               SLURM_CONF=str(tmp_path / "no-such-slurm.conf"))
+    r = subprocess.run(["nsenter", f"--net=/run/netns/{node.topo.node}", str(VENV_BIN / "netacct-reconcile")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0
+    assert r.stderr.startswith("netacct-reconcile: SLURM cannot be asked which jobs run on n1: nothing touched")
+    assert _state(node, 8004) == "running" and os.path.exists(node.netns_path(8004))
+    node.epilog(8004)
+
+
+@pytest.mark.parametrize("step", SETUP_STEPS)
+def test_prolog_killed_at_every_step(node: Node, step: str) -> None:
+    """SIGKILL mid-prolog: a second prolog for the job recovers; so does the reaper."""
+    for job, recover in ((8010, "prolog"), (8011, "reconcile")):
+        r = node.hook("prolog", job, NETACCT_FAILPOINT=f"kill:{step}")
+        assert r.returncode in (-9, 137), (r.returncode, r.stderr)  # killed, nothing rolled back
+        if recover == "prolog":
+            node.prolog(job)
+            node.traffic(job, "tcp-up", WAN4, str(PORT), "1000")
+            node.epilog(job)
+            assert _state(node, job) == "completed"
+        else:
+            r = reconcile(node, "--active", "")
+            assert r.returncode == 0, r.stderr
+            node.started.discard(job)
+            node.settle()
+    assert project_leftovers(node.topo) == []
+    with sqlite3.connect(node.db) as conn:
+        assert conn.execute("SELECT * FROM leases").fetchall() == []
+
+
+@pytest.mark.parametrize("step", TEARDOWN_STEPS)
+def test_epilog_killed_at_every_step_loses_no_counted_traffic(node: Node, step: str) -> None:
+    job = 8020
+    node.prolog(job)
+    node.traffic(job, "tcp-up", WAN4, str(PORT), "200000")
+    live = _live(node, job)
+    r = node.hook("epilog", job, NETACCT_FAILPOINT=f"kill:{step}")
+    assert r.returncode in (-9, 137)
+    node.epilog(job)  # slurmd retries, or an admin runs it again
+    assert _state(node, job) == "completed"
+    assert _traffic(node, job) == live
+    assert project_leftovers(node.topo) == []
+
+
+def test_64_jobs_land_at_once_and_leave_at_once(nft_node: Node) -> None:
+    node = nft_node
+    node.start_daemon()
+    node.prolog(8100)  # an already running job, sending all along
+    sender = subprocess.Popen([str(VENV_BIN / "netacct-exec"), "--job", "8100", "--", sys.executable,
+                               str(Path(__file__).parent / "traffic.py"), "tcp-up", WAN4, str(PORT), "200000000"],
+                              env=dict(os.environ, NETACCT_CONFIG=str(node.config_path)), stdout=subprocess.PIPE)
+    jobs = list(range(8200, 8264))
+    node.started.update(jobs)
+
+    def storm(which: str) -> None:
+        procs = [subprocess.Popen(["nsenter", f"--net=/run/netns/{node.topo.node}", str(Path(__file__).parents[1] / which)],
+                                  env=node.env(j), stderr=subprocess.PIPE, text=True) for j in jobs]
+        errors = [(j, p.wait(timeout=120), p.stderr.read() if p.stderr else "") for j, p in zip(jobs, procs)]
+        assert [e for e in errors if e[1] != 0] == []
+
+    storm("prolog")
+    addrs = [node.run_in_job(j, "ip", "-o", "-4", "addr", "show", "dev", "eth0").stdout.split()[3] for j in jobs]
+    assert len(set(addrs)) == 64
+    storm("epilog")
+    node.settle()
+    assert sender.wait(timeout=120) == 0
+    node.topo.wait_quiet()
+    wan = node.topo.server_counts("wan")
+    node.epilog(8100)
+    with sqlite3.connect(node.db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'completed' AND job_id >= 8200").fetchone() == (64,)
+        assert conn.execute("SELECT COUNT(DISTINCT job_id) FROM traffic WHERE job_id >= 8200").fetchone() == (64,)
+        assert conn.execute("SELECT * FROM leases").fetchall() == []
+    # The running job's accounting was not disturbed: exact to the server's count.
+    assert _traffic(node, 8100)["wan"][1] == wan["rx"][1] > 200_000_000
+    assert "database is locked" not in node.log.read_text()
