@@ -289,3 +289,36 @@ python3 {cluster.work}/traffic.py tcp-up lanserver.netacct.test {PORT} 100000
 def test_the_daemon_did_the_work(cluster: Cluster) -> None:
     logs = "".join(p.read_text() for p in cluster.work.glob("netacct-*.log"))
     assert " netacct-daemon[" in logs and " netacct-prolog[" not in logs, logs[-2000:]
+
+
+def test_a_job_cannot_escape_or_cheat_its_accounting(cluster: Cluster) -> None:
+    """As the job's unprivileged user, inside a real job: each attempt fails, or is counted."""
+    db = cluster.work / "n1.db"
+    script = f"""#!/bin/bash
+#SBATCH -N1 -w n1
+try() {{ if "$@" >/dev/null 2>&1; then echo "$1: ALLOWED"; else echo "$1: refused"; fi; }}
+try nft flush ruleset                                   # reset or remove the counters
+try nft add rule inet netacct count_out accept          # add a rule that skips them
+try nsenter --net=/proc/$PPID/ns/net true               # leave for slurmstepd's namespace
+try nsenter --net=/run/netns/{BASE}n1-$((SLURM_JOB_ID + 1)) true   # another job's
+try python3 -c "import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW)"   # raw frames
+try python3 -c "import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)"  # spoofing
+try ip addr add 10.77.1.99/32 dev eth0                  # take another address
+try cat {db}                                            # read the node database
+# A user+network namespace of its own has no way out: traffic from it goes nowhere.
+unshare -rn python3 {cluster.work}/traffic.py tcp-up {WAN4} {PORT} 1000 >/dev/null 2>&1 && echo "userns: ALLOWED" || echo "userns: no route out"
+# What does get out is counted: a plain upload.
+python3 {cluster.work}/traffic.py tcp-up {WAN4} {PORT} 250000 > /dev/null && echo "upload: done"
+"""
+    cluster.topo.reset_servers()
+    job, out = cluster.submit(script)
+    assert out.startswith("COMPLETED"), out
+    for attempt in ("nft", "nsenter", "python3", "ip", "cat"):
+        assert f"{attempt}: ALLOWED" not in out, out
+    assert out.count(": refused") == 8, out
+    assert "userns: no route out" in out and "upload: done" in out
+    cluster.topo.wait_quiet()
+    wan = cluster.topo.server_counts("wan")
+    [rec] = cluster.report("-j", str(job))
+    assert (rec["traffic"]["wan"]["out_packets"], rec["traffic"]["wan"]["out_bytes"]) == wan["rx"]
+    assert wan["rx"][1] > 250_000
