@@ -42,12 +42,17 @@ ENV_KEYS = ("SLURM", "NETACCT_")
 class Daemon:
     """Accepts hook requests; `workers` jobs are worked on at once."""
 
-    def __init__(self, cfg_path: Path | None, sock_path: Path, workers: int = 4) -> None:
+    def __init__(self, cfg_path: Path | None, sock_path: Path, workers: int = 4, max_jobs: int = 0) -> None:
         self.cfg_path = Path(cfg_path or os.environ.get(config_mod.ENV_VAR) or config_mod.DEFAULT_PATH)
         self.cfg = config_mod.load(self.cfg_path if self.cfg_path.exists() or cfg_path else None)
         self.log = setup_log(self.cfg.log_file, "netacct-daemon")
         self.sock_path = sock_path
         self.workers = workers
+        # After this many hook requests, stop (and let systemd start a fresh process): pyroute2
+        # leaves ~0.5 KiB behind per job (bench/RESULTS.md). 0: never.
+        self.max_jobs = max_jobs
+        self.served = 0
+        self.count_lock = threading.Lock()
         self.conns: queue.Queue[socket.socket | None] = queue.Queue()
         self.later: queue.Queue[Callable[[], object] | None] = queue.Queue()
         self.stopping = threading.Event()
@@ -95,6 +100,10 @@ class Daemon:
         """Stop accepting; deferred work already queued is still done (see drain)."""
         self.stopping.set()
         if self.sock is not None:
+            try:  # wakes the accept() of the main thread (closing alone would not)
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self.sock.close()
         try:
             self.sock_path.unlink()
@@ -150,6 +159,12 @@ class Daemon:
             rc, msg = self._in_namespace(fds[0], lambda: hooks.run_hook(
                 op, env, self.cfg, self.log, resolv_conf=resolv, defer=self._defer_in(fds[0])))
             conn.sendall(f"{rc} {msg}\n".encode())
+            if self.max_jobs:
+                with self.count_lock:
+                    self.served += 1
+                    if self.served == self.max_jobs:
+                        self.log.info("served %d requests: stopping for a fresh start", self.served)
+                        self.stop()
         except (OSError, ValueError) as exc:
             self.log.error("request failed: %s", exc)
         finally:
@@ -211,11 +226,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--config", type=Path, help="config file (default: $NETACCT_CONFIG, /etc/slurm/netacct.toml)")
     p.add_argument("--socket", type=Path, default=Path(os.environ.get("NETACCT_SOCKET", SOCKET)))
     p.add_argument("--workers", type=int, default=4, help="worker threads: jobs worked on at once (default 4)")
+    p.add_argument("--max-jobs", type=int, default=0, metavar="N",
+                   help="exit after N prolog/epilog requests, for the service manager to restart it "
+                        "(keeps memory bounded; 0: never)")
     args = p.parse_args(argv)
     os.environ.setdefault("PATH", hooks.SAFE_PATH)
     os.umask(0o077)
     try:
-        d = Daemon(args.config, args.socket, args.workers)
+        d = Daemon(args.config, args.socket, args.workers, args.max_jobs)
         d.start()
     except NetacctError as exc:
         print(f"netacct-daemon: {exc}", file=sys.stderr)

@@ -100,7 +100,11 @@ class Node:
         import socket as _socket
         with _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM) as c:
             c.settimeout(60)
-            c.connect(str(self.socket))
+            try:
+                c.connect(str(self.socket))
+            except (FileNotFoundError, ConnectionRefusedError):  # it has stopped: it drains before exiting
+                self.daemon.wait(timeout=60)
+                return
             c.sendall(b"netacct/1\0flush\0\0")
             assert c.recv(64).startswith(b"0")
 

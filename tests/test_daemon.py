@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import Node, project_leftovers
+from conftest import VENV_BIN, Node, project_leftovers
 from topology import PORT, WAN4, Topology
 
 
@@ -116,3 +117,23 @@ def test_daemon_memory_stays_flat(dnode: Node) -> None:
     assert after - warm < 2048, (warm, after)  # KiB: no per-job growth (300 jobs would show it)
     fds = len(os.listdir(f"/proc/{pid}/fd"))
     assert fds < 20, os.listdir(f"/proc/{pid}/fd")
+
+
+def test_daemon_exits_after_max_jobs_and_the_hooks_carry_on(topo: Topology, tmp_path: Path) -> None:
+    node = Node(topo, tmp_path, "nftables")
+    node.daemon = subprocess.Popen([str(VENV_BIN / "netacct-daemon"), "--config", str(node.config_path),
+                                    "--socket", str(node.socket), "--max-jobs", "4"], stdout=subprocess.PIPE, text=True)
+    assert node.daemon.stdout is not None and node.daemon.stdout.readline().startswith("netacct-daemon: listening")
+    try:
+        node.prolog(7101)
+        node.prolog(7102)
+        node.epilog(7101)
+        node.epilog(7102)  # the 4th request: the daemon answers, finishes its deferred work, exits
+        assert node.daemon.wait(timeout=30) == 0
+        node.daemon = None
+        node.prolog(7103)  # no daemon now: the hooks do it themselves
+        node.epilog(7103)
+        assert _log_lines(node, 7103, "netacct-prolog")
+        assert project_leftovers(topo) == []
+    finally:
+        node.cleanup()

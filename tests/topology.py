@@ -162,6 +162,13 @@ class Topology:
             p.send_signal(signal.SIGTERM)
             p.wait(timeout=10)
         self.servers.clear()
+        for ns, *_ in self.hosts:  # the prolog's "node table installed" marks for our nodes
+            try:
+                ino = os.stat(f"/run/netns/{ns}").st_ino
+            except OSError:
+                continue
+            for mark in Path("/run/slurm-netacct").glob(f"node-{ino}-*"):
+                mark.unlink(missing_ok=True)
         for ns in self.namespaces:
             if os.path.exists(f"/run/netns/{ns}"):
                 sh("ip", "netns", "del", ns, check=False)
