@@ -148,3 +148,96 @@ def test_64_jobs_land_at_once_and_leave_at_once(nft_node: Node) -> None:
     # The running job's accounting was not disturbed: exact to the server's count.
     assert _traffic(node, 8100)["wan"][1] == wan["rx"][1] > 200_000_000
     assert "database is locked" not in node.log.read_text()
+
+
+def _kill_after(node: Node, which: str, job: int, delay: float) -> int:
+    """Start the real hook in-process (no daemon) and SIGKILL it after `delay` seconds."""
+    import time
+    env = node.env(job)
+    env["NETACCT_SOCKET"] = "/nonexistent"  # the in-process path: the one that can be killed midway
+    p = subprocess.Popen(["nsenter", f"--net=/run/netns/{node.topo.node}", str(Path(__file__).parents[1] / which)],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    p.kill()  # nsenter execs the hook, which execs python: the PID is the hook's
+    return p.wait()
+
+
+def test_sigkill_at_random_moments_50_times_each(nft_node: Node) -> None:
+    """Kill the prolog and the epilog at random moments; the next run or the reaper always
+    leaves the node clean and keeps every counted byte that still existed."""
+    import random
+    rng = random.Random(20261126)
+    node = nft_node
+    for trial in range(50):
+        job = 9000 + trial
+        delay = rng.uniform(0.05, 0.35)  # the in-process prolog takes ~0.2 s here
+        _kill_after(node, "prolog", job, delay)
+        if trial % 2:
+            node.prolog(job)  # the next prolog for the job repairs what the killed one left
+            node.run_in_job(job, "bash", "-c", f"printf '%100s' x > /dev/udp/{WAN4}/{PORT}")
+            before = _live(node, job)
+            rc = _kill_after(node, "epilog", job, rng.uniform(0.05, 0.3))
+            node.epilog(job)  # and the next epilog finishes the teardown
+            assert _state(node, job) == "completed", (trial, rc)
+            if _traffic(node, job):  # the killed epilog or this one stored them: exactly
+                assert _traffic(node, job) == before, trial
+        else:
+            r = reconcile(node, "--active", "")
+            assert r.returncode == 0, r.stderr
+        node.started.discard(job)
+        node.settle()
+        assert project_leftovers(node.topo) == [], trial
+    with sqlite3.connect(node.db) as conn:
+        assert conn.execute("SELECT * FROM leases").fetchall() == []
+        assert conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'running'").fetchone() == (0,)
+
+
+def test_a_corrupted_database_loses_no_record(nft_node: Node) -> None:
+    node = nft_node
+    node.prolog(9100)
+    node.traffic(9100, "tcp-up", WAN4, str(PORT), "100000")
+    live = _live(node, 9100)
+    good = node.db.read_bytes()
+    for suffix in ("-wal", "-shm"):
+        Path(str(node.db) + suffix).unlink(missing_ok=True)
+    node.db.write_bytes(b"this is not a database" * 100)
+    r = node.hook("epilog", 9100)
+    assert r.returncode == 8, r.stderr  # loud: SLURM drains the node
+    assert len(r.stderr.strip().splitlines()) == 1 and "database" in r.stderr
+    assert os.path.exists(node.netns_path(9100))  # the namespace and its counters are kept
+    node.db.write_bytes(good)  # the administrator restores the database (or moves it aside)
+    node.epilog(9100)
+    assert _state(node, 9100) == "completed" and _traffic(node, 9100) == live
+
+
+def test_many_cycles_leave_nothing_behind(topo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A reduced version of the 1000-cycle leak run (bench/hooks.py --cycles for the full one):
+    after N jobs through the service there is no namespace, link, route, rule, lease, file or
+    descriptor more than after the first few, and exactly N complete rows."""
+    node = Node(topo, tmp_path, "nftables", daemon=True)
+    assert node.daemon is not None
+    pid = node.daemon.pid
+
+    def snapshot() -> tuple[int, int, int]:
+        return (len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir("/run/netns")),
+                len(list(Path("/run/slurm-netacct").rglob("*"))))
+
+    try:
+        for j in range(1, 6):
+            node.prolog(j)
+            node.epilog(j)
+        before = snapshot()
+        for j in range(6, 206):
+            node.prolog(j)
+            node.epilog(j)
+        assert snapshot() == before
+        assert project_leftovers(topo) == []
+        with sqlite3.connect(node.db) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'completed'").fetchone() == (205,)
+            assert conn.execute("SELECT COUNT(*) FROM jobs WHERE state != 'completed'").fetchone() == (0,)
+            assert conn.execute("SELECT COUNT(DISTINCT job_id) FROM traffic").fetchone() == (205,)
+            assert conn.execute("SELECT * FROM leases").fetchall() == []
+        routes = in_ns(topo.node, "ip", "route").stdout + in_ns(topo.node, "ip", "-6", "route").stdout
+        assert "100.64." not in routes and "fd00:6e61" not in routes
+    finally:
+        node.cleanup()
