@@ -29,8 +29,9 @@ _ROUTED_KEYS = {"prefixlen4", "prefixlen6", "nodes"}
 
 _TOP_KEYS = {
     "uplink", "netns_prefix", "ifname_prefix", "db", "default_class", "firewall", "mode",
-    "log_file", "netns_dir", "pool", "classes", "routed", "dns", "report",
+    "log_file", "netns_dir", "pool", "classes", "routed", "dns", "report", "teardown_failure",
 }
+TEARDOWN_FAILURE = ("drain", "log")
 _REPORT_KEYS = {"private", "admins"}
 _POOL_KEYS = {"ipv4", "ipv6", "class"}
 
@@ -49,6 +50,9 @@ class Config:
     mode: str = "nat"
     log_file: Path | None = None
     dns: str = "auto"  # redirect DNS to the node's loopback stub resolver, if it has one
+    # After the counters are stored, a failed removal: "drain" (epilog fails, SLURM drains the
+    # node) or "log" (logged; the reaper removes the rest later; the node keeps working).
+    teardown_failure: str = "drain"
     report_private: bool = True  # non-admin users see only their own jobs (like PrivateData)
     report_admins: tuple[str, ...] = ()  # user names, or %group, who see every job
     pool_ipv4: ipaddress.IPv4Network = ipaddress.IPv4Network("100.64.0.0/16")
@@ -188,6 +192,12 @@ def parse(data: dict[str, Any]) -> Config:
         if mode not in MODES:
             raise _err("mode", f"{mode!r} is not one of {', '.join(MODES)}")
         kw["mode"] = mode
+
+    tf = _str(data, "teardown_failure", "teardown_failure")
+    if tf is not None:
+        if tf not in TEARDOWN_FAILURE:
+            raise _err("teardown_failure", f"{tf!r} is not one of {', '.join(TEARDOWN_FAILURE)}")
+        kw["teardown_failure"] = tf
 
     dns = _str(data, "dns", "dns")
     if dns is not None:

@@ -229,10 +229,17 @@ def teardown_job(cfg: Config, info: store.JobInfo,
         else:
             log.info("job %d: nothing to tear down (no prolog, or already done)", jid)
             state = row["state"] if row else "none"
-        failpoint("stored")
-        if netns.remove(names.netns_path):
-            log.info("job %d: namespace %s removed", jid, names.netns)
-        failpoint("removed")
+        try:
+            failpoint("stored")
+            if netns.remove(names.netns_path):
+                log.info("job %d: namespace %s removed", jid, names.netns)
+            failpoint("removed")
+        except SetupError as exc:  # the counters are safe; only the removal failed
+            if cfg.teardown_failure == "drain":
+                raise
+            log.error("job %d: teardown failed after its counters were stored (%s); left for "
+                      "netacct-reconcile (teardown_failure = \"log\")", jid, exc)
+            return state
 
         def finish() -> None:
             """Delete the link, then free the job's address (not before: its routes go with it)."""

@@ -241,3 +241,22 @@ def test_many_cycles_leave_nothing_behind(topo, tmp_path: Path) -> None:  # type
         assert "100.64." not in routes and "fd00:6e61" not in routes
     finally:
         node.cleanup()
+
+
+@pytest.mark.parametrize("policy, code", [("drain", 7), ("log", 0)])
+def test_a_failed_teardown_drains_the_node_or_not_as_configured(topo, tmp_path: Path, policy: str, code: int) -> None:  # type: ignore[no-untyped-def]
+    node = Node(topo, tmp_path, "nftables", teardown_failure=policy)
+    try:
+        node.prolog(9200)
+        r = node.hook("epilog", 9200, NETACCT_FAILPOINT="removed")
+        assert r.returncode == code, r.stderr
+        assert _state(node, 9200) == "completed"  # the counters were stored either way
+        assert ("failpoint removed" in r.stderr) == (policy == "drain")
+        if policy == "log":
+            assert "left for netacct-reconcile" in node.log.read_text()
+        r = reconcile(node, "--active", "")
+        assert r.returncode == 0, r.stderr
+        node.started.discard(9200)
+        assert project_leftovers(topo) == []
+    finally:
+        node.cleanup()
