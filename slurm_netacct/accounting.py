@@ -368,6 +368,19 @@ def _ipt_read(cfg: Config, version: int) -> dict[tuple[str, str], tuple[int, int
     return result
 
 
+def _ipt_read_many(cfg: Config, version: int, paths: list[Path]) -> dict[str, Any]:
+    """Runs in one child per family: join each namespace in turn and read it (a fresh libiptc
+    handle per namespace). {path: counts, or an exception's one-line text}."""
+    out: dict[str, Any] = {}
+    for path in paths:
+        try:
+            setns(path)
+            out[str(path)] = _ipt_read(cfg, version)
+        except Exception as exc:  # noqa: BLE001 - per namespace, reported to the caller
+            out[str(path)] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
 def _ipt_node(cfg: Config, plan: NodePlan | None, version: int) -> bool:
     """Runs in the node namespace: (re)build, or with plan None remove, NETACCT_NAT/_DNS."""
     import iptc
@@ -445,6 +458,22 @@ class Iptables:
         except Exception as exc:
             raise SetupError(f"iptables: {exc}") from None
         return {k: Count(raw[0][k][0] + raw[1][k][0], raw[0][k][1] + raw[1][k][1]) for k in raw[0]}
+
+    def read_many(self, cfg: Config, paths: list[Path]) -> dict[Path, Counters | str]:
+        """read() for many namespaces with two child processes in all (one per family),
+        instead of two per namespace. A namespace that cannot be read maps to its error."""
+        try:
+            raw = [run_in_netns(None, _ipt_read_many, cfg, version, paths) for version in (4, 6)]
+        except Exception as exc:
+            raise SetupError(f"iptables: {exc}") from None
+        out: dict[Path, Counters | str] = {}
+        for path in paths:
+            v4, v6 = raw[0][str(path)], raw[1][str(path)]
+            if isinstance(v4, str) or isinstance(v6, str):
+                out[path] = v4 if isinstance(v4, str) else v6
+            else:
+                out[path] = {k: Count(v4[k][0] + v6[k][0], v4[k][1] + v6[k][1]) for k in v4}
+        return out
 
     def install_node(self, cfg: Config, plan: NodePlan) -> None:
         try:
