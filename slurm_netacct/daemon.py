@@ -30,7 +30,7 @@ from . import config as config_mod
 from . import hooks
 from .errors import NetacctError
 from .log import setup as setup_log
-from .netns import CLONE_NEWNET, _libc
+from .netns import CLONE_NEWNET, _libc, home_fd
 
 SOCKET = Path("/run/slurm-netacct/daemon.sock")
 MAGIC = b"netacct/1"
@@ -187,17 +187,14 @@ class Daemon:
 
     def _in_namespace(self, ns_fd: int, fn: Callable[[], object]) -> object:
         """fn() with this thread in the namespace of ns_fd, then back."""
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        home = home_fd()
+        if _libc.setns(ns_fd, CLONE_NEWNET) != 0:
+            raise OSError("cannot join the hook's network namespace")
         try:
-            if _libc.setns(ns_fd, CLONE_NEWNET) != 0:
-                raise OSError("cannot join the hook's network namespace")
-            try:
-                return fn()
-            finally:
-                if _libc.setns(home, CLONE_NEWNET) != 0:
-                    os._exit(70)  # a worker stuck in a job's namespace must not serve again
+            return fn()
         finally:
-            os.close(home)
+            if _libc.setns(home, CLONE_NEWNET) != 0:
+                os._exit(70)  # a worker stuck in a node's namespace must not serve again
 
 
 def _recv_request(conn: socket.socket) -> tuple[bytes, list[int]]:

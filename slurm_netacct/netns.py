@@ -8,6 +8,7 @@ import errno
 import ipaddress
 import os
 import pickle
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -109,6 +110,27 @@ def run_in_netns(path: Path | None, func: Callable[..., T], *args: Any) -> T:
 
 MS_BIND, MS_REC, MS_SHARED = 0x1000, 0x4000, 0x100000
 _shared_dirs: set[Path] = set()
+_local = threading.local()
+
+
+def home_fd() -> int:
+    """A descriptor of the namespace this thread is in now, to come back to after a visit.
+
+    Kept open per thread and namespace (a command's main thread has one; a daemon worker one
+    per node it serves): holding it also pins the namespace, so its inode, the key, stays
+    unique."""
+    ino = os.stat("/proc/thread-self/ns/net").st_ino
+    fds: dict[int, int] = _local.__dict__.setdefault("homes", {})
+    fd = fds.get(ino)
+    if fd is None:
+        fd = fds[ino] = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    return fd
+
+
+def go_home(home: int) -> None:
+    """Back to the namespace of home_fd(); a thread must never stay in a job's namespace."""
+    if _libc.setns(home, CLONE_NEWNET) != 0:
+        raise SetupError("cannot return to the node's network namespace")
 
 
 @contextmanager
@@ -118,16 +140,12 @@ def entered(path: Path) -> Iterator[None]:
     Sockets opened inside (netlink, libnftables) stay bound to that namespace afterwards.
     Only the calling thread moves: a daemon's other threads are unaffected.
     """
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    home = home_fd()
+    setns(path)
     try:
-        setns(path)
-        try:
-            yield
-        finally:
-            if _libc.setns(home, CLONE_NEWNET) != 0:
-                raise SetupError("cannot return to the node's network namespace")
+        yield
     finally:
-        os.close(home)
+        go_home(home)
 
 
 def _share(directory: Path) -> None:
@@ -157,22 +175,18 @@ def create(path: Path) -> None:
         raise SetupError(f"network namespace {path} already exists (made by something else)") from None
     except OSError as exc:
         raise SetupError(f"cannot create {path}: {exc.strerror}") from None
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    home = home_fd()
+    if _libc.unshare(CLONE_NEWNET) != 0:
+        err = os.strerror(ctypes.get_errno())
+        os.unlink(path)
+        raise SetupError(f"cannot create network namespace {path}: unshare: {err}")
     try:
-        if _libc.unshare(CLONE_NEWNET) != 0:
+        if _libc.mount(b"/proc/thread-self/ns/net", str(path).encode(), b"none", MS_BIND, None) != 0:
             err = os.strerror(ctypes.get_errno())
             os.unlink(path)
-            raise SetupError(f"cannot create network namespace {path}: unshare: {err}")
-        try:
-            if _libc.mount(b"/proc/thread-self/ns/net", str(path).encode(), b"none", MS_BIND, None) != 0:
-                err = os.strerror(ctypes.get_errno())
-                os.unlink(path)
-                raise SetupError(f"cannot create network namespace {path}: mount: {err}")
-        finally:
-            if _libc.setns(home, CLONE_NEWNET) != 0:
-                raise SetupError("cannot return to the node's network namespace")
+            raise SetupError(f"cannot create network namespace {path}: mount: {err}")
     finally:
-        os.close(home)
+        go_home(home)
 
 
 def remove(path: Path) -> bool:

@@ -11,12 +11,10 @@ import errno
 import os
 import socket
 import struct
-import threading
-from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import SetupError
-from .netns import CLONE_NEWNET, _libc, is_netns
+from .netns import CLONE_NEWNET, _libc, go_home, home_fd, is_netns
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -63,23 +61,12 @@ def _attrs(data: bytes, start: int = 0, end: int | None = None) -> dict[int, tup
     return out
 
 
-_local = threading.local()
-
-
-def _home() -> int:
-    """A descriptor of the namespace this thread is in now, kept open per thread and
-    namespace (a command's main thread has one; a daemon worker one per node it serves)."""
-    ino = os.stat("/proc/thread-self/ns/net").st_ino
-    fds: dict[int, int] = _local.__dict__.setdefault("homes", {})
-    fd = fds.get(ino)
-    if fd is None:
-        fd = fds[ino] = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    return fd
-
-
 def _open_in(path: Path) -> socket.socket:
-    """A netlink socket that belongs to the namespace at path; the caller stays where it is."""
-    home = _home()
+    """A netlink socket that belongs to the namespace at path; the caller stays where it is.
+
+    (Not netns.entered: that stats the path first; here a missing namespace is simply the
+    OSError of the open, which read_table turns into FileNotFoundError.)"""
+    home = home_fd()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if _libc.setns(fd, CLONE_NEWNET) != 0:
@@ -87,8 +74,7 @@ def _open_in(path: Path) -> socket.socket:
         try:
             return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         finally:
-            if _libc.setns(home, CLONE_NEWNET) != 0:  # never stay in a job's namespace
-                raise SetupError("cannot return to the original network namespace")
+            go_home(home)
     finally:
         os.close(fd)
 
@@ -154,14 +140,3 @@ def table_exists(table: str, path: Path | None = None) -> bool:
         return True
     finally:
         sock.close()
-
-
-def read_many(paths: Iterable[Path], table: str) -> dict[Path, dict[str, tuple[int, int]]]:
-    """read_table for every path; namespaces that are gone (a job just ended) are left out."""
-    out: dict[Path, dict[str, tuple[int, int]]] = {}
-    for path in paths:
-        try:
-            out[path] = read_table(path, table)
-        except FileNotFoundError:
-            continue
-    return out
