@@ -251,7 +251,7 @@ def build_query(args: argparse.Namespace, cfg: config_mod.Config) -> report.Quer
 
 def _live_overlay(cfg: config_mod.Config, records: Iterator[report.JobRecord]) -> Iterator[report.JobRecord]:
     """Running jobs of this node get their current counters instead of the last sample."""
-    node = os.environ.get("SLURMD_NODENAME") or naming.short_hostname()
+    node = naming.default_node()
     live: dict[int, dict[str, dict[str, int]]] | None = None
     for rec in records:
         if rec.state == "running" and node in rec.nodes and os.geteuid() == 0:
@@ -268,7 +268,7 @@ def _live_overlay(cfg: config_mod.Config, records: Iterator[report.JobRecord]) -
 
 def _is_local_only(cfg: config_mod.Config, sources: list[Path]) -> bool:
     """True if the report reads this node's own database (whose running jobs get live counters)."""
-    node = os.environ.get("SLURMD_NODENAME") or naming.short_hostname()
+    node = naming.default_node()
     local = cfg.db_for(node)
     return os.geteuid() == 0 and any(p.exists() and local.exists() and os.path.samefile(p, local) for p in sources)
 
@@ -297,7 +297,7 @@ def report_main(argv: Sequence[str] | None = None) -> None:
         for d in args.db_dir or []:
             paths += report.databases_in(d)
         if not paths:
-            paths = [cfg.db_for(os.environ.get("SLURMD_NODENAME") or naming.short_hostname())]
+            paths = [cfg.db_for(naming.default_node())]
         query = build_query(args, cfg)
         sources = report.unique_sources(paths)
         classes = report.classes_in(sources)
@@ -430,7 +430,7 @@ def reconcile_main(argv: Sequence[str] | None = None) -> None:
         os.umask(0o077)
         cfg = config_mod.load()
         setup_log(cfg.log_file, prog)
-        node = args.node or os.environ.get("SLURMD_NODENAME") or naming.short_hostname()
+        node = args.node or naming.default_node()
         if args.active is not None:
             active = parse_job_list([args.active]) if args.active.strip() else set()
         else:

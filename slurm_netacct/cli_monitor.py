@@ -17,13 +17,8 @@ from .errors import NetacctError, UsageError
 from .log import setup as setup_log
 
 
-def default_node() -> str:
-    """The SLURM node name: $SLURMD_NODENAME, else this host's short name."""
-    return os.environ.get("SLURMD_NODENAME") or naming.short_hostname()
-
-
 def _node(prog: str, value: str | None) -> str:
-    node = value or default_node()
+    node = value or naming.default_node()
     if not naming.valid_host_name(node):
         raise UsageError(f"{prog}: --node {node[:64]!r} is not a valid node name")
     return node

@@ -58,6 +58,11 @@ def short_hostname() -> str:
     return os.uname().nodename.split(".")[0]
 
 
+def default_node() -> str:
+    """This node's SLURM name for the commands: $SLURMD_NODENAME, else the short host name."""
+    return os.environ.get("SLURMD_NODENAME") or short_hostname()
+
+
 def expand_prefix(prefix: str, host: str | None = None) -> str:
     """The prefix with %h replaced by the host's short name."""
     if "%h" not in prefix:
