@@ -120,7 +120,9 @@ def setup_job(cfg: Config, info: store.JobInfo, resolv_conf: Path | None = None)
                 and netns.link_index(names.host_if) is not None):
             log.info("job %d: already set up (%s), nothing to do", jid, names.netns)
             return names
-        if netns.is_netns(names.netns_path) or netns.link_index(names.host_if) is not None:
+        # A leftover of a killed earlier run: a namespace, a link, or only the empty file a
+        # prolog creates just before it mounts the namespace on it.
+        if os.path.lexists(names.netns_path) or netns.link_index(names.host_if) is not None:
             log.warning("job %d: removing a half-made setup left by an earlier run", jid)
             _remove_objects(names)
 

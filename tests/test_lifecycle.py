@@ -194,3 +194,15 @@ def test_job_namespace_names_follow_the_prefix(nft_node: Node) -> None:
     assert os.path.exists(f"/run/netns/{JOB_PREFIX}3080")
     assert "na3080" in in_ns(nft_node.topo.node, "ip", "-o", "link").stdout
     nft_node.epilog(3080)
+
+
+def test_a_prolog_killed_between_creating_and_mounting_its_namespace_file(nft_node: Node) -> None:
+    """What the random-kill test once hit: an empty namespace file is a leftover, not a
+    namespace "made by something else"; the next prolog replaces it."""
+    nft_node.netns_path(3090).parent.mkdir(parents=True, exist_ok=True)
+    nft_node.netns_path(3090).touch()
+    nft_node.started.add(3090)
+    nft_node.prolog(3090)
+    assert "removing a half-made setup" in nft_node.log.read_text()
+    nft_node.epilog(3090)
+    assert not os.path.lexists(nft_node.netns_path(3090))
