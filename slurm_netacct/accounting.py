@@ -437,7 +437,11 @@ class Iptables:
     def __init__(self) -> None:
         # Import once here (~180 ms); the per-family child processes inherit the module.
         # Importing does not bind libxtables to a family; first use in each child does.
-        import iptc  # noqa: F401
+        try:
+            import iptc  # noqa: F401
+        except (ImportError, OSError) as exc:  # python-iptables loads libip4tc/libxtables now
+            raise SetupError("iptables backend unavailable: python-iptables cannot load the "
+                             f"iptables libraries (is the iptables package installed?): {exc}") from None
 
     def install(self, cfg: Config, ns_path: Path, plan: NodePlan) -> None:
         try:
