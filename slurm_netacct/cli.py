@@ -22,13 +22,32 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message}")
 
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        """As argparse, but `--opt=--` is an error (Python 3.11's argparse stores [] for it)."""
+        ns, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            if not action.option_strings or action.nargs is not None:
+                continue
+            value = getattr(ns, action.dest, None)
+            values = value if isinstance(action, argparse._AppendAction) and isinstance(value, list) else [value]
+            if any(isinstance(v, list) for v in values):
+                self.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
+        return ns, extras
+
 
 def _epilog() -> str:
     return "exit codes:\n" + "\n".join(f"  {c}  {m}" for c, m in EXIT_CODES.items())
 
 
+def one_line(text: str) -> str:
+    """`text` with line breaks and other unprintable characters escaped (\\n, \\x1b, \\u2028, ...)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _fail(prog: str, exc: NetacctError) -> int:
-    msg = str(exc)
+    """Print the error as one line on stderr (whatever the user typed); return its exit code."""
+    msg = one_line(str(exc))
     if not msg.startswith(prog):
         msg = f"{prog}: {msg}"
     print(msg, file=sys.stderr)
@@ -168,22 +187,30 @@ def parse_job_list(values: list[str] | None) -> set[int] | None:
     return ids
 
 
-def _names(values: list[str] | None) -> frozenset[str] | None:
+def _names(values: list[str] | None, flag: str) -> frozenset[str] | None:
+    """The comma-separated names of a repeatable flag; UsageError for undecodable bytes."""
     if not values:
         return None
-    return frozenset(v.strip() for value in values for v in value.split(",") if v.strip())
+    names = frozenset(v.strip() for value in values for v in value.split(",") if v.strip())
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 (argv's surrogate escapes): never in a database
+            raise UsageError(f"netacct-report: {flag}: {name!r} is not valid UTF-8") from None
+    return names
 
 
 def _utc(text: str, flag: str) -> str:
+    """A -S/-E time (local) as the databases' UTC ISO string; UsageError if invalid or out of range."""
     from datetime import timezone
 
     from . import timeparse
 
     try:
-        local = timeparse.parse(text)
-    except ValueError as exc:
+        utc = timeparse.parse(text).astimezone(timezone.utc)
+    except (ValueError, OverflowError) as exc:  # astimezone: "year 0 is out of range" and the like
         raise UsageError(f"netacct-report: {flag}: {exc}") from None
-    return local.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc.isoformat(timespec="seconds").replace("+00:00", "Z")  # 4-digit years: sorts as text
 
 
 def viewer() -> tuple[str | None, bool]:
@@ -221,11 +248,11 @@ def build_query(args: argparse.Namespace, cfg: config_mod.Config) -> report.Quer
     from datetime import datetime
 
     job_ids = parse_job_list(args.jobs)
-    users = _names(args.user)
+    users = _names(args.user, "-u/--user")
     states = None
     if args.state:
         states = set()
-        for s_ in _names(args.state) or ():
+        for s_ in _names(args.state, "-s/--state") or ():
             if s_.lower() not in STATE_ALIASES:
                 raise UsageError(f"netacct-report: -s/--state: unknown state {s_!r} "
                                  "(running, completed, lost, reconciled)")
@@ -244,8 +271,9 @@ def build_query(args: argparse.Namespace, cfg: config_mod.Config) -> report.Quer
         start = _utc(midnight.strftime("%Y-%m-%dT%H:%M:%S"), "-S/--starttime")
     end = _utc(args.endtime, "-E/--endtime") if args.endtime else None
     return report.Query(job_ids=frozenset(job_ids) if job_ids else None, users=users,
-                        accounts=_names(args.accounts), partitions=_names(args.partition),
-                        nodes=_names(args.nodelist), states=frozenset(states) if states else None,
+                        accounts=_names(args.accounts, "-A/--accounts"),
+                        partitions=_names(args.partition, "-r/--partition"),
+                        nodes=_names(args.nodelist, "-N/--nodelist"), states=frozenset(states) if states else None,
                         start=start, end=end)
 
 

@@ -28,6 +28,8 @@ def load(path: Path) -> Rates:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
         raise ConfigError(f"rates file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"rates file {path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"rates file {path}: not valid TOML ({exc})") from None
     for key in data:

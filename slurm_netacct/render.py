@@ -25,6 +25,7 @@ _JOB_FIELDS: dict[str, Callable[[JobRecord], Any]] = {
     "State": lambda r: r.state,
     "AsOf": lambda r: ("live" if r.live else (r.as_of or "")) if r.state == "running" else "",
 }
+MAX_WIDTH = 1000  # the largest -o/--format %WIDTH
 _METRICS = {"In": "in_bytes", "Out": "out_bytes", "InPkts": "in_packets", "OutPkts": "out_packets"}
 
 
@@ -79,18 +80,23 @@ def default_format(classes: list[str], grouped: tuple[str, ...] | None, rates: R
 
 
 def columns(spec: str | None, classes: list[str], grouped: tuple[str, ...] | None, rates: Rates | None) -> list[Column]:
-    """Parse -o/--format ("JobID,User%12,lan_in"): names are case-insensitive, %N a width."""
+    """Parse -o/--format ("JobID,User%12,lan_in"): names are case-insensitive, %N a width
+    (1 to MAX_WIDTH; %0 means as wide as the values, as without %N)."""
     avail = available(classes, grouped, rates)
     by_lower = {k.lower(): v for k, v in avail.items()}
     names = spec.split(",") if spec else default_format(classes, grouped, rates)
     out: list[Column] = []
     for item in names:
-        m = re.fullmatch(r"\s*([A-Za-z0-9_]+)(?:%(\d+))?\s*", item)
+        m = re.fullmatch(r"\s*([A-Za-z0-9_]+)(?:%([0-9]+))?\s*", item)
         if not m or m.group(1).lower() not in by_lower:
             raise UsageError(f"netacct-report: -o/--format: unknown field {item.strip()!r} "
                              f"(known: {', '.join(avail)})")
+        digits = m.group(2)
+        if digits and (len(digits.lstrip("0")) > len(str(MAX_WIDTH)) or int(digits) > MAX_WIDTH):
+            raise UsageError(f"netacct-report: -o/--format: {item.strip()!r}: a width is at most {MAX_WIDTH}")
+        width = int(digits) if digits else None
         col = by_lower[m.group(1).lower()]
-        out.append(Column(col.name, col.get, col.is_bytes, int(m.group(2)) if m.group(2) else None))
+        out.append(Column(col.name, col.get, col.is_bytes, width))
     return out
 
 

@@ -6,6 +6,7 @@ import heapq
 import operator
 import os
 import sqlite3
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
@@ -142,8 +143,12 @@ def databases_in(directory: Path) -> list[Path]:
 
 
 def _open_ro(path: Path) -> sqlite3.Connection:
+    """Open a node database read-only; StoreError if it is not one."""
+    # The path is percent-encoded byte by byte: '?', '#' and '%' are file name characters
+    # here, not URI syntax, and a name that is not UTF-8 keeps its exact bytes.
+    uri = "file:" + urllib.parse.quote(os.fsencode(os.path.abspath(path)), safe="/") + "?mode=ro"
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        conn = sqlite3.connect(uri, uri=True, timeout=30)
         conn.execute("SELECT 1 FROM jobs LIMIT 1")
         conn.execute("SELECT 1 FROM traffic LIMIT 1")
     except sqlite3.Error as exc:

@@ -24,7 +24,7 @@ _NAMED = {"today": (0, 0), "midnight": (0, 0), "noon": (12, 0), "fika": (15, 0),
 
 
 def _hms(text: str) -> tuple[int, int, int]:
-    m = re.fullmatch(r"(\d{1,2}):(\d{2})(?::(\d{2}))?\s*([AaPp][Mm])?", text)
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})(?::(\d{2}))?\s*([AaPp][Mm])?", text, re.ASCII)
     if not m:
         raise ValueError(f"bad time of day {text!r}")
     h, mi, s = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
@@ -44,33 +44,43 @@ def _year(yy: str | None, now: datetime) -> int:
 
 
 def parse(text: str, now: datetime | None = None) -> datetime:
-    """A naive local datetime for a sacct time string; ValueError with the reason."""
-    now = now or datetime.now()
+    """A naive local datetime for a sacct time string; ValueError with the reason.
+
+    Digits are ASCII only; a time beyond datetime's range (years 1-9999) is a ValueError too."""
+    try:
+        return _parse(text, now or datetime.now())
+    except OverflowError:  # timedelta or datetime arithmetic beyond years 1-9999
+        raise ValueError(f"time out of range {text!r}") from None
+
+
+def _parse(text: str, now: datetime) -> datetime:
     t = text.strip()
     low = t.lower()
     if low in _NAMED:
         h, mi = _NAMED[low]
         return now.replace(hour=h, minute=mi, second=0, microsecond=0)
-    m = re.fullmatch(r"now(?:\s*([+-])\s*(\d+)\s*([a-z]*))?", low)
+    m = re.fullmatch(r"now(?:\s*([+-])\s*(\d+)\s*([a-z]*))?", low, re.ASCII)
     if m:
         if not m.group(1):
             return now.replace(microsecond=0)
         unit = m.group(3)
         if unit not in _UNITS:
             raise ValueError(f"bad unit {unit!r} in {text!r}")
+        if len(m.group(2)) > 18:  # int() refuses over 4300 digits; anything this long is out of range
+            raise OverflowError
         delta = timedelta(seconds=int(m.group(2)) * _UNITS[unit])
         return (now + delta if m.group(1) == "+" else now - delta).replace(microsecond=0)
-    m = re.fullmatch(r"(\d{4})-(\d{2})-(\d{2})(?:T(\d{1,2}:\d{2}(?::\d{2})?))?", t)
+    m = re.fullmatch(r"(\d{4})-(\d{2})-(\d{2})(?:T(\d{1,2}:\d{2}(?::\d{2})?))?", t, re.ASCII)
     if m:
         h, mi, s = _hms(m.group(4)) if m.group(4) else (0, 0, 0)
         return datetime(int(m.group(1)), int(m.group(2)), int(m.group(3)), h, mi, s)
-    m = re.fullmatch(r"(\d{2})(\d{2})(\d{2})?(?:-(.+))?", t)  # MMDD[YY][-time]
+    m = re.fullmatch(r"(\d{2})(\d{2})(\d{2})?(?:-(.+))?", t, re.ASCII)  # MMDD[YY][-time]
     if m is None:
-        m = re.fullmatch(r"(\d{1,2})[./](\d{1,2})(?:[./](\d{2}|\d{4}))?(?:-(.+))?", t)
+        m = re.fullmatch(r"(\d{1,2})[./](\d{1,2})(?:[./](\d{2}|\d{4}))?(?:-(.+))?", t, re.ASCII)
     if m:
         h, mi, s = _hms(m.group(4)) if m.group(4) else (0, 0, 0)
         return datetime(_year(m.group(3), now), int(m.group(1)), int(m.group(2)), h, mi, s)
-    if re.fullmatch(r"\d{1,2}:\d{2}(?::\d{2})?\s*([AaPp][Mm])?", t):
+    if re.fullmatch(r"\d{1,2}:\d{2}(?::\d{2})?\s*([AaPp][Mm])?", t, re.ASCII):
         h, mi, s = _hms(t)
         return now.replace(hour=h, minute=mi, second=s, microsecond=0)
     raise ValueError(f"unrecognised time {text!r} (see sacct(1): e.g. 2026-11-25T08:00, 1125, "

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import io
 import json
+import os
 import sqlite3
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from slurm_netacct import cli, store
+from slurm_netacct.errors import EXIT_CODES
 
 LAN = "lan"
 
@@ -276,3 +283,172 @@ def test_parallel_aggregation_equals_the_single_process_one(tmp_path: Path) -> N
         multi = report.aggregate_parallel(paths, report.Query(), classes, by, workers=3, min_span=0)
         assert [(g.key, g.jobs, g.vec) for g in single] == [(g.key, g.jobs, g.vec) for g in multi]
         assert sum(g.jobs for g in single) >= 150
+
+
+# --------------------------------------------------------------------------- fuzzing the command line
+
+_FIELDS = ["JobID", "User", "Account", "Partition", "NodeList", "NNodes", "Start", "End", "State", "AsOf",
+           "LAN_In", "WAN_OutPkts", "TotalIn", "totalout", "Cost", "Jobs", "Month", "Node", "jobid"]
+_HOSTILE = st.one_of(
+    st.sampled_from(["", " ", "-", "--", ",", ",,", "%", "%5", "a,b", "-5", "-0", "0", "+1", "1e9", "nan", "inf",
+                     "9" * 30, "-" + "9" * 30, "9" * 5000, "/", "/nonexistent", "../x", "~", "$HOME", "\t", "a\nb",
+                     "\r", "\u2028", "\x85", "\x1b[31m", "ünïcødé", "日本", "١٢٣", "﷽", "\udcff"]),
+    st.text(alphabet=st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=20),
+    st.binary(max_size=12).filter(lambda b: b"\x00" not in b).map(os.fsdecode),  # argv as the OS hands it over
+    st.integers().map(str),
+)
+
+
+def _argv_strategy(paths: dict[str, str], hostile: st.SearchStrategy[str]) -> st.SearchStrategy[list[str]]:
+    """A command line of netacct-report's real flags with plausible values and, three
+    times in four, a `hostile` one instead (st.nothing(): plausible values only)."""
+
+    def _mostly(plausible: list[str] | st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+        good = st.sampled_from(plausible) if isinstance(plausible, list) else plausible
+        return st.one_of(good, good, good, hostile)
+
+    def _csv_of(elements: list[str] | st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+        return st.lists(_mostly(elements), min_size=1, max_size=3).map(",".join)
+
+    width = st.one_of(st.integers(min_value=0, max_value=40), st.integers(min_value=0), st.just(10**30))
+    field = st.one_of(st.sampled_from(_FIELDS), st.builds(lambda f, w: f"{f}%{w}", st.sampled_from(_FIELDS), width))
+    time = st.one_of(
+        st.sampled_from(["2026-01-01", "2026-11-02T08:30", "0001-01-01", "9999-12-31T23:59:59", "0999-01-01", "1125",
+                         "112526", "11/25-08:00", "11.25.26", "08:00", "12:00PM", "13:00PM", "midnight", "noon",
+                         "fika", "teatime", "now", "today", "2026-02-30", "0000-01-01", "24:00", "now-7days"]),
+        st.builds(lambda sign, n, unit: f"now{sign}{n}{unit}", st.sampled_from("+-"),
+                  st.one_of(st.integers(min_value=0, max_value=10**4), st.integers(min_value=0)),
+                  st.sampled_from(["", "s", "minutes", "hours", "days", "weeks", "fortnights"])))
+    values: dict[str, st.SearchStrategy[str]] = {
+        "-j": _csv_of(["101", "102", "103", "104", "1", "4294967294"]),
+        "-u": _csv_of(["alice", "bob", "carol", "dave", "root"]),
+        "-A": _csv_of(["physics", "chem"]),
+        "-r": _csv_of(["batch", "gpu"]),
+        "-N": _csv_of(["n1", "n2"]),
+        "-s": _csv_of(["R", "CD", "running", "completed", "lost", "reconciled"]),
+        "-S": _mostly(time), "-E": _mostly(time),
+        "-o": _csv_of(field),
+        "--units": _mostly(list("KMGTP")),
+        "--group-by": _csv_of(["user", "account", "partition", "node", "day", "month"]),
+        "--rates": _mostly([paths["rates"], paths["rates"], paths["bad-rates"], paths["binary"], paths["tmp"],
+                            paths["missing"], paths["null"]]),
+        "--db": _mostly(sorted(paths.values())),
+        "--db-dir": _mostly([paths["dir"], paths["odd-dir"], paths["tmp"], paths["n1"], paths["missing"]]),
+    }
+    aliases = {"-j": "--jobs", "-u": "--user", "-A": "--accounts", "-r": "--partition", "-N": "--nodelist",
+               "-S": "--starttime", "-E": "--endtime", "-s": "--state", "-o": "--format"}
+
+    def spellings(flag: str, value: str) -> st.SearchStrategy[list[str]]:  # -j 1, -j1, --jobs 1, --jobs=1
+        long = aliases.get(flag, flag)
+        forms = [[long, value], [f"{long}={value}"]] + ([[flag, value], [flag + value]] if flag != long else [])
+        return st.sampled_from(forms)
+
+    with_value = st.sampled_from(sorted(values)).flatmap(
+        lambda flag: values[flag].flatmap(lambda value: spellings(flag, value)))
+    switches = st.sampled_from(["-a", "-p", "-P", "-n", "--json", "--csv", "--per-node", "--helpformat", "--allusers",
+                                "--parsable2", "--noheader", "-pn", "--gr", "--db-d", "--", "-h"]).map(lambda s: [s])
+    part = st.one_of(with_value, with_value, switches)
+    stray = st.one_of(st.just([]), st.just([]), st.just([]), hostile.map(lambda s: [s]))  # a stray word, at times
+    source = st.sampled_from([["--db-dir", paths["dir"]], ["--db", paths["n1"], "--db", paths["n2"]], []])
+    return st.builds(lambda src, parts, i, extra: src + [a for p in parts[:i] + [extra] + parts[i:] for a in p],
+                     source, st.lists(part, max_size=5), st.integers(0, 5), stray)
+
+
+@pytest.fixture
+def fuzz_paths(dbs: tuple[Path, Path], tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "rates.toml").write_text(RATES)
+    (tmp_path / "bad-rates.toml").write_text("[price]\nwan_out = -1\n")
+    (tmp_path / "binary").write_bytes(bytes(range(256)) * 4)  # neither UTF-8 text nor a database
+    (tmp_path / "text.db").write_text("not a database\n")
+    odd = tmp_path / os.fsdecode(b"odd ?#%41 \xff")  # URI characters and a byte that is not UTF-8
+    odd.mkdir()
+    (odd / os.fsdecode(b"n1?#%2e\xff.db")).write_bytes(dbs[0].read_bytes())
+    return {"odd-dir": str(odd), "odd-db": str(odd / os.fsdecode(b"n1?#%2e\xff.db")),
+            "n1": str(dbs[0]), "n2": str(dbs[1]), "dir": str(dbs[0].parent), "rates": str(tmp_path / "rates.toml"),
+            "bad-rates": str(tmp_path / "bad-rates.toml"), "binary": str(tmp_path / "binary"),
+            "text": str(tmp_path / "text.db"), "tmp": str(tmp_path), "missing": str(tmp_path / "missing.db"),
+            "null": "/dev/null"}
+
+
+def run_isolated(argv: list[str]) -> tuple[int, str, str]:
+    """report_main in-process, with stdout/stderr encoded as a real UTF-8 terminal would
+    (stdout strict, stderr backslashreplace, as CPython sets them up): (exit code, out, err)."""
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", newline="", write_through=True)
+    err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace", newline="", write_through=True)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.report_main(argv)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else -1)
+    return (code, out.buffer.getvalue().decode("utf-8"),  # type: ignore[attr-defined]
+            err.buffer.getvalue().decode("utf-8"))  # type: ignore[attr-defined]
+
+
+def test_any_command_line_succeeds_or_fails_on_one_line_with_a_documented_code(
+        fuzz_paths: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """For any argv: exit 0 with nothing on stderr, or exactly one line on stderr (prefixed
+    'netacct-report: '), nothing on stdout, and a documented exit code other than 1 (a bug).
+
+    NETACCT_FUZZ_EXAMPLES=20000 runs a longer campaign (~4 minutes)."""
+    seen: collections.Counter[int] = collections.Counter()
+    p = fuzz_paths
+
+    @settings(max_examples=int(os.environ.get("NETACCT_FUZZ_EXAMPLES", "300")), deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(argv=st.one_of(_argv_strategy(p, _HOSTILE), _argv_strategy(p, st.nothing())),
+           sudo=st.sampled_from([None, None, "bob", "dave"]))
+    # Each of these but the last two once ended in a traceback or a multi-line error:
+    @example(argv=["--db-dir", p["dir"], "a\nb"], sudo=None)  # argparse echoes a stray word as typed
+    @example(argv=["--db-dir", p["dir"], "--rates", p["binary"]], sudo=None)  # UnicodeDecodeError
+    @example(argv=["--db-dir", p["dir"], "-S", "now+1400000000days"], sudo=None)  # OverflowError (timedelta)
+    @example(argv=["--db-dir", p["dir"], "-E", "now+3000000days"], sudo=None)  # OverflowError (datetime)
+    @example(argv=["--db-dir", p["dir"], "-S", "0001-01-01"], sudo=None)  # astimezone: year 0 is out of range
+    @example(argv=["--db-dir", p["dir"], "-A", "\udcff"], sudo=None)  # sqlite3 cannot bind a surrogate escape
+    @example(argv=["--db=--"], sudo=None)  # argparse stores [] for an option's value "--"
+    @example(argv=["--db-dir", p["dir"], "-j--"], sudo=None)
+    @example(argv=["--db-dir", p["dir"], "-S", "2026-01-01", "-o", f"JobID%{10**30}"], sudo=None)  # str.ljust
+    @example(argv=["--db-dir", p["dir"], "-S", "now-" + "9" * 5000], sudo=None)  # int() refuses 5000 digits
+    @example(argv=["--db", p["odd-db"], "-S", "2026-01-01"], sudo=None)  # see test_database_path_is_a_path_not_a_uri
+    def check(argv: list[str], sudo: str | None) -> None:
+        if sudo is None:
+            os.environ.pop("SUDO_USER", None)
+            os.environ.pop("SUDO_UID", None)
+        else:
+            os.environ.update(SUDO_USER=sudo, SUDO_UID="4321")
+        code, out, err = run_isolated(argv)
+        seen[code] += 1
+        if code == 0:
+            assert err == "", (argv, err)
+            return
+        assert code in EXIT_CODES and code != 1, (argv, code, err)
+        assert err.startswith("netacct-report: ") and err.endswith("\n") and len(err.splitlines()) == 1, (argv, err)
+        assert out == "", (argv, out)
+
+    monkeypatch.delenv("SUDO_USER", raising=False)
+    monkeypatch.delenv("SUDO_UID", raising=False)
+    check()
+    # The strategy reaches both sides of the contract, and often (~35% successes, ~50% usage errors).
+    total = sum(seen.values())
+    assert seen[0] >= total // 20 and seen[2] >= total // 20, seen
+
+
+def test_database_path_is_a_path_not_a_uri(dbs: tuple[Path, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """'?', '#' and '%' are file name characters, and a name need not be UTF-8 (was: opened
+    the database named by the path's prefix, or failed)."""
+    odd = tmp_path / os.fsdecode(b"odd ?#%41 \xff")
+    odd.mkdir()
+    copy = odd / os.fsdecode(b"n1?#%2e\xff.db")
+    copy.write_bytes(dbs[0].read_bytes())
+    want = run(capsys, "--db", str(dbs[0]), *ALL, "-P", "-o", "JobID,LAN_In,WAN_Out")
+    assert want[0] == 0 and want[1].count("\n") == 4  # header and jobs 101, 102, 103
+    assert run(capsys, "--db", str(copy), *ALL, "-P", "-o", "JobID,LAN_In,WAN_Out") == want
+    assert run(capsys, "--db-dir", str(odd), *ALL, "-P", "-o", "JobID,LAN_In,WAN_Out") == want
+
+
+def test_years_before_1000_compare_as_times(dbs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """-S 0999-01-01 selects every job (was: '999-01-01T00:00:00Z', which sorts after 2026)."""
+    code, out, err = run(capsys, "--db-dir", str(dbs[0].parent), "-S", "0999-01-01", "-n", "-P", "-o", "JobID")
+    assert code == 0, err
+    assert out.split() == ["101", "102", "103", "104"]
