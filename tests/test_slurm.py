@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -326,3 +327,98 @@ python3 {cluster.work}/traffic.py tcp-up {WAN4} {PORT} 250000 > /dev/null && ech
     [rec] = cluster.report("-j", str(job))
     assert (rec["traffic"]["wan"]["out_packets"], rec["traffic"]["wan"]["out_bytes"]) == wan["rx"]
     assert wan["rx"][1] > 250_000
+
+
+# A rootless container's "engine" (what rootless podman does): a user namespace with a mount
+# namespace of its own, a container in a network namespace of its own, and slirp4netns in the
+# job's network namespace forwarding the container's traffic through ordinary sockets.
+SLIRP_ENGINE = """set -u
+W=$1
+# Ordinary nodes have a world-usable /dev/net/tun (udev's rule: KERNEL=="tun", MODE="0666");
+# this machine has no udev, so its devtmpfs node is 0600 root. Put the test's 0666 node there,
+# in this user's own mount namespace only.
+mount --bind "$W/slirp-tun" /dev/net/tun
+unshare -n bash "$W/slirp-container.sh" "$W" &
+C=$!
+# slirp4netns joins /proc/$C/ns/net: wait (bounded) until the container has left the job's namespace.
+for i in $(seq 500); do [ "$(readlink /proc/$C/ns/net)" != "$(readlink /proc/self/ns/net)" ] && break; sleep 0.01; done
+slirp4netns --configure --mtu=65520 "$C" tap0 >&2 &
+S=$!
+trap 'kill $S 2>/dev/null' EXIT
+echo "slirp4netns pid $S"
+echo "slirp4netns in $(readlink /proc/$S/ns/net)"
+wait "$C"
+echo "container exit $?"
+# slirp4netns does not exit with its container's last process (it holds the tap device): stop it.
+kill -0 "$S" && echo "slirp4netns still running after the container"
+kill "$S"
+wait "$S"
+echo "slirp4netns exit $?"
+kill -0 "$S" 2>/dev/null || echo "slirp4netns gone"
+"""
+
+SLIRP_CONTAINER = """set -eu
+W=$1
+for i in $(seq 200); do ip -o -4 addr show dev tap0 2>/dev/null | grep -q 10.0.2.100/24 && break; sleep 0.05; done
+ip -o link | awk '{{print "link", $2}}'
+ip -4 route | sed 's/^/route /'
+python3 "$W/traffic.py" tcp-up {wan} {port} {n} | sed 's/^/upload /'
+python3 -c "
+for line in open('/proc/net/dev'):
+    name, _, stats = line.partition(':')
+    if name.strip() == 'tap0':
+        print('tap0 tx_bytes', stats.split()[8])
+"
+"""
+
+
+def test_a_rootless_container_with_slirp4netns_in_a_job_is_counted(cluster: Cluster) -> None:
+    """Rootless podman's user-mode networking, inside a real job, as the unprivileged user.
+
+    The container's traffic leaves through slirp4netns's sockets in the job's namespace, so it
+    is the job's traffic: the WAN counters equal what the WAN server saw, packet for packet.
+    This machine has no udev, so the test lends the user a 0666 tun node (see SLIRP_ENGINE).
+    """
+    n = 3_000_000
+    tun = cluster.work / "slirp-tun"
+    engine, container = cluster.work / "slirp-engine.sh", cluster.work / "slirp-container.sh"
+    engine.write_text(SLIRP_ENGINE)
+    container.write_text(SLIRP_CONTAINER.format(wan=WAN4, port=PORT, n=n))
+    os.mknod(tun, stat.S_IFCHR | 0o666, os.makedev(10, 200))  # /dev/net/tun's numbers
+    tun.chmod(0o666)
+    try:
+        script = f"""#!/bin/bash
+#SBATCH -N1 -w n1
+echo "job in $(readlink /proc/self/ns/net)"
+unshare -rm bash {engine} {cluster.work}
+"""
+        cluster.topo.reset_servers()
+        job, out = cluster.submit(script)
+    finally:
+        for f in (tun, engine, container):
+            f.unlink(missing_ok=True)
+    assert out.startswith("COMPLETED"), out + cluster.slurm.dump_logs(40)
+    # slirp4netns ran in the job's namespace (the batch script's), as rootless podman's would.
+    job_ns = re.search(r"^job in (net:\[\d+\])$", out, re.M)
+    assert job_ns and f"slirp4netns in {job_ns.group(1)}" in out, out
+    # The container had no way out but slirp: only lo and tap0, the default route via slirp.
+    assert sorted(re.findall(r"^link (\S+):$", out, re.M)) == ["lo", "tap0"], out
+    assert re.search(r"^route default via 10\.0\.2\.2 dev tap0", out, re.M), out
+    assert f"upload {n}" in out and "container exit 0" in out, out
+    tap_tx = re.search(r"^tap0 tx_bytes (\d+)$", out, re.M)
+    assert tap_tx and int(tap_tx.group(1)) > n, out
+    # slirp4netns was stopped by its PID, and is gone.
+    assert "slirp4netns still running after the container" in out and "slirp4netns gone" in out, out
+    pid = re.search(r"^slirp4netns pid (\d+)$", out, re.M)
+    assert pid, out
+    try:
+        assert "slirp4netns" not in Path(f"/proc/{pid.group(1)}/cmdline").read_text()
+    except FileNotFoundError:
+        pass
+    cluster.topo.wait_quiet()
+    wan = cluster.topo.server_counts("wan")
+    [rec] = cluster.report("-j", str(job))
+    t = rec["traffic"]["wan"]
+    assert (t["out_packets"], t["out_bytes"]) == wan["rx"]
+    assert (t["in_packets"], t["in_bytes"]) == wan["tx"]
+    assert t["out_bytes"] > n
