@@ -412,10 +412,11 @@ def test_any_command_line_succeeds_or_fails_on_one_line_with_a_documented_code(
     @example(argv=["--db", p["odd-db"], "-S", "2026-01-01"], sudo=None)  # see test_database_path_is_a_path_not_a_uri
     def check(argv: list[str], sudo: str | None) -> None:
         if sudo is None:
-            os.environ.pop("SUDO_USER", None)
-            os.environ.pop("SUDO_UID", None)
-        else:
-            os.environ.update(SUDO_USER=sudo, SUDO_UID="4321")
+            monkeypatch.delenv("SUDO_USER", raising=False)
+            monkeypatch.delenv("SUDO_UID", raising=False)
+        else:  # undone at the test's end: the environment is back as it was
+            monkeypatch.setenv("SUDO_USER", sudo)
+            monkeypatch.setenv("SUDO_UID", "4321")
         code, out, err = run_isolated(argv)
         seen[code] += 1
         if code == 0:
@@ -425,8 +426,6 @@ def test_any_command_line_succeeds_or_fails_on_one_line_with_a_documented_code(
         assert err.startswith("netacct-report: ") and err.endswith("\n") and len(err.splitlines()) == 1, (argv, err)
         assert out == "", (argv, out)
 
-    monkeypatch.delenv("SUDO_USER", raising=False)
-    monkeypatch.delenv("SUDO_UID", raising=False)
     check()
     # The strategy reaches both sides of the contract, and often (~35% successes, ~50% usage errors).
     total = sum(seen.values())
