@@ -3,7 +3,8 @@
 Runs the real `prolog` and `epilog` executables (as slurmd would: no PATH, SLURM env) inside
 the sandbox node (tests/topology.py), through netacct-daemon and without it (the fallback),
 reports medians; then reads every running job's counters with N jobs loaded; and, with
---cycles, runs that many prolog/epilog pairs through the daemon, recording its RSS.
+--cycles, runs that many prolog/epilog pairs through the daemon, recording its RSS, open
+descriptors and threads every cycles/10 pairs.
     .venv/bin/python bench/hooks.py [--jobs 1000] [--runs 50] [--cycles 10000]
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,10 +28,16 @@ from topology import UPLINK, Topology  # noqa: E402
 
 
 def rss_kib(pid: int) -> int:
+    """VmRSS of a process, KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return -1
+
+
+def usage(pid: int) -> tuple[int, int, int]:
+    """(RSS KiB, open descriptors, threads) of a process."""
+    return rss_kib(pid), len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
 
 
 class Bench:
@@ -115,16 +123,22 @@ def main() -> int:
         for j in range(100_000, 100_000 + args.jobs):
             b.hook("epilog", j)
         if args.cycles and b.daemon is not None:
-            samples: list[tuple[int, int]] = [(0, rss_kib(b.daemon.pid))]
+            samples: list[tuple[int, int, int, int]] = [(0, *usage(b.daemon.pid))]
+            print(f"  after 0 jobs: daemon RSS {samples[-1][1]} KiB, {samples[-1][2]} fds, "
+                  f"{samples[-1][3]} threads", flush=True)
             step = max(1, args.cycles // 10)
             for k in range(0, args.cycles, step):
-                b.pairs(200_000 + k, min(step, args.cycles - k))
-                samples.append((k + step, rss_kib(b.daemon.pid)))
-                print(f"  after {k + step} jobs: daemon RSS {samples[-1][1]} KiB", flush=True)
-            res["rss_kib"] = samples
+                n = min(step, args.cycles - k)
+                b.pairs(200_000 + k, n)
+                samples.append((k + n, *usage(b.daemon.pid)))
+                print(f"  after {k + n} jobs: daemon RSS {samples[-1][1]} KiB, {samples[-1][2]} fds, "
+                      f"{samples[-1][3]} threads", flush=True)
+            res["rss_kib"] = [(jobs, rss) for jobs, rss, _, _ in samples]
+            res["fds"] = [(jobs, fds) for jobs, _, fds, _ in samples]
     finally:
         b.stop_daemon()
         topo.down()
+        shutil.rmtree(work, ignore_errors=True)  # config, node database, log, socket
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     return 0

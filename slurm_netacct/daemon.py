@@ -37,19 +37,41 @@ MAGIC = b"netacct/1"
 TEMPFAIL = 75
 MAX_REQUEST = 1 << 20
 ENV_KEYS = ("SLURM", "NETACCT_")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt(3)
+MALLOC_THRESHOLD = 128 * 1024  # glibc's default for both
+
+
+def pin_malloc_thresholds(nbytes: int = MALLOC_THRESHOLD) -> bool:
+    """Fix glibc's mmap and trim thresholds for this process; False if not glibc.
+
+    glibc raises both each time a mapped block above the mmap threshold is freed (imports
+    already do: Python's table of interned strings, 200-400 KiB, moves as it grows). Then
+    the 256 KiB buffer that asyncio, under pyroute2, receives every netlink answer into
+    comes from the heap and is shrunk in place; the heap grows around the holes and RSS grew
+    by ~0.75 KiB per job while Python's own allocations stayed flat (bench/RESULTS.md). Fixed
+    thresholds (as the environment variable MALLOC_MMAP_THRESHOLD_ would set them) keep such
+    buffers in mappings of their own and give a heap's free top back: RSS stays flat."""
+    mallopt = getattr(_libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    return mallopt(M_MMAP_THRESHOLD, nbytes) == 1 and mallopt(M_TRIM_THRESHOLD, nbytes) == 1
 
 
 class Daemon:
     """Accepts hook requests; `workers` jobs are worked on at once."""
 
     def __init__(self, cfg_path: Path | None, sock_path: Path, workers: int = 4, max_jobs: int = 0) -> None:
+        self.malloc_pinned = pin_malloc_thresholds()  # first: all that follows is allocated under it
         self.cfg_path = Path(cfg_path or os.environ.get(config_mod.ENV_VAR) or config_mod.DEFAULT_PATH)
         self.cfg = config_mod.load(self.cfg_path if self.cfg_path.exists() or cfg_path else None)
         self.log = setup_log(self.cfg.log_file, "netacct-daemon")
+        if not self.malloc_pinned:
+            self.log.warning("cannot fix the malloc thresholds (not glibc?): memory may grow per "
+                             "job; --max-jobs N restarts the service every N requests")
         self.sock_path = sock_path
         self.workers = workers
-        # After this many hook requests, stop (and let systemd start a fresh process): pyroute2
-        # leaves ~0.5 KiB behind per job (bench/RESULTS.md). 0: never.
+        # After this many hook requests, stop (and let the service manager start a fresh
+        # process). Not needed for memory since pin_malloc_thresholds (bench/RESULTS.md). 0: never.
         self.max_jobs = max_jobs
         self.served = 0
         self.count_lock = threading.Lock()
@@ -225,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=4, help="worker threads: jobs worked on at once (default 4)")
     p.add_argument("--max-jobs", type=int, default=0, metavar="N",
                    help="exit after N prolog/epilog requests, for the service manager to restart it "
-                        "(keeps memory bounded; 0: never)")
+                        "(0, the default: never; memory stays flat without it)")
     args = p.parse_args(argv)
     os.environ.setdefault("PATH", hooks.SAFE_PATH)
     os.umask(0o077)

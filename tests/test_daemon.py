@@ -119,6 +119,34 @@ def test_daemon_memory_stays_flat(dnode: Node) -> None:
     assert fds < 20, os.listdir(f"/proc/{pid}/fd")
 
 
+_MALLOC_PROBE = """
+import ctypes, sys
+from slurm_netacct.daemon import pin_malloc_thresholds
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+big = bytes(16 << 20)
+del big  # a mapped block freed: glibc raises its mmap threshold to 16 MiB
+if sys.argv[1] == "pin":
+    assert pin_malloc_thresholds()
+before = libc.mallinfo2().hblks
+buf = bytearray(8 << 20)
+print(libc.mallinfo2().hblks - before)  # 1: the buffer got a mapping of its own; 0: heap
+"""
+
+
+@pytest.mark.parametrize("mode, mapped", [("pin", "1"), ("nopin", "0")])
+def test_the_service_keeps_big_buffers_off_the_heap(mode: str, mapped: str) -> None:
+    """The daemon's former RSS growth per job: once glibc's mmap threshold had risen, big
+    short-lived buffers came from the heap and left holes; pinned, they are mapped (and
+    unmapped) whole. "nopin" shows the probe sees the difference."""
+    r = subprocess.run([str(VENV_BIN / "python"), "-c", _MALLOC_PROBE, mode], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == mapped
+
+
 def test_daemon_exits_after_max_jobs_and_the_hooks_carry_on(topo: Topology, tmp_path: Path) -> None:
     node = Node(topo, tmp_path, "nftables")
     node.daemon = subprocess.Popen([str(VENV_BIN / "netacct-daemon"), "--config", str(node.config_path),
