@@ -30,6 +30,7 @@ _ROUTED_KEYS = {"prefixlen4", "prefixlen6", "nodes"}
 _TOP_KEYS = {
     "uplink", "netns_prefix", "ifname_prefix", "db", "default_class", "firewall", "mode",
     "log_file", "netns_dir", "pool", "classes", "routed", "dns", "report", "teardown_failure",
+    "spool_dir",
 }
 TEARDOWN_FAILURE = ("drain", "log")
 _REPORT_KEYS = {"private", "admins"}
@@ -45,6 +46,9 @@ class Config:
     ifname_prefix: str = "na"
     netns_dir: Path = Path("/run/netns")
     db: Path = Path("/var/lib/slurm-netacct/netacct.db")
+    # Where the epilog writes a job's final record when the database cannot be written; it is
+    # stored in the database by the next hook, netacct-sample or netacct-reconcile that can.
+    spool_dir: Path = Path("/var/spool/slurm-netacct")
     default_class: str = "wan"
     firewall: str = "auto"
     mode: str = "nat"
@@ -116,6 +120,10 @@ class Config:
         """The database path, with %n replaced by the node name (as in slurm.conf)."""
         return Path(str(self.db).replace("%n", node))
 
+    def spool_for(self, node: str) -> Path:
+        """The spool directory, with %n replaced by the node name."""
+        return Path(str(self.spool_dir).replace("%n", node))
+
     def class_prefixes(self) -> list[tuple[str, IPNetwork]]:
         """(class, prefix) pairs in match order; the pools first, as they are most specific."""
         pairs: list[tuple[str, IPNetwork]] = [(self.pool_class, self.pool_ipv4)]
@@ -176,7 +184,7 @@ def parse(data: dict[str, Any]) -> Config:
         if not naming.valid_ifname_prefix(ifprefix):
             raise _err("ifname_prefix", f"{ifprefix!r} must be 1-4 lowercase letters/digits, starting with a letter")
         kw["ifname_prefix"] = ifprefix
-    for key in ("db", "log_file", "netns_dir"):
+    for key in ("db", "log_file", "netns_dir", "spool_dir"):
         value = _str(data, key, key)
         if value is not None:
             if not value.startswith("/"):

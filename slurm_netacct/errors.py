@@ -46,7 +46,11 @@ class SetupError(NetacctError):
 
 
 class StoreError(NetacctError):
-    """The node database could not be read or written."""
+    """The node database could not be read or written.
+
+    The epilog does not fail for this alone: it spools the job's final record (exit 0, logged
+    as an error). It exits 8 only when the record cannot be spooled either; the job's
+    namespace and counters are then kept for a later run."""
 
     exit_code = 8
 
@@ -72,7 +76,7 @@ EXIT_CODES: dict[int, str] = {
     5: "the job has no network namespace on this node",
     6: "the address pool is exhausted",
     7: "network setup or teardown failed",
-    8: "database error",
+    8: "database error (an epilog: its record could not be spooled either; counters kept)",
     9: "not allowed: another user's jobs (private data)",
     10: "the metrics could not be written or served",
 }

@@ -82,7 +82,10 @@ def run_hook(which: str, env: Mapping[str, str], cfg: config_mod.Config, log: lo
             if which == "prolog":
                 lifecycle.setup_job(cfg, info, resolv_conf=resolv_conf)
             else:
-                lifecycle.teardown_job(cfg, info, defer=defer)
+                done = lifecycle.teardown(cfg, info, defer=defer)
+                if done.spooled is not None:  # not lost, and no reason to drain the node
+                    return 0, (f"{ident}: job {jid}: {done.db_error}; record spooled to {done.spooled} "
+                               "(stored when the database can be written again)")
         return 0, ""
     except NetacctError as exc:
         log.error("job %s: %s failed (exit %d): %s", jid, which, exc.exit_code, exc)

@@ -5,15 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ipaddress
+import json
 import os
 import signal
+
+import sqlite_utils
 
 from . import accounting, naming, netns, store
 from .accounting import NodePlan
 from .config import Config
-from .errors import SetupError
+from .errors import SetupError, StoreError
 from .log import get as get_log
 
 STATE_COMPLETED = "completed"
@@ -113,13 +117,16 @@ def setup_job(cfg: Config, info: store.JobInfo, resolv_conf: Path | None = None)
     jid = info.job_id
     backend = accounting.backend(cfg)
     plan = node_plan(cfg, info.node, resolv_conf=resolv_conf)
-    db = store.connect(cfg.db_for(info.node))
+    db = open_db(cfg, info.node)
     try:
         row = store.job_row(db, info)
         if (row is not None and row["state"] == "running" and netns.is_netns(names.netns_path)
                 and netns.link_index(names.host_if) is not None):
             log.info("job %d: already set up (%s), nothing to do", jid, names.netns)
             return names
+        # An earlier run of a requeued job whose epilog never ran here (the node rebooted):
+        # close its row before its namespace, if any, is removed below.
+        close_older_runs(cfg, db, info, names, read_namespace=True)
         # A leftover of a killed earlier run: a namespace, a link, or only the empty file a
         # prolog creates just before it mounts the namespace on it.
         if os.path.lexists(names.netns_path) or netns.link_index(names.host_if) is not None:
@@ -187,25 +194,115 @@ def traffic_of(counters: accounting.Counters, cfg: Config) -> dict[str, dict[str
     return out
 
 
+@dataclass(frozen=True)
+class Teardown:
+    """What an epilog (or the reaper) did: the state recorded, and whether the record had to
+    be spooled because the database could not be written (`db_error` says why)."""
+
+    state: str
+    spooled: Path | None = None
+    db_error: str | None = None
+
+
+def open_db(cfg: Config, node: str) -> sqlite_utils.Database:
+    """The node database, with every record spooled for this node stored in it first."""
+    db = store.connect(cfg.db_for(node))
+    try:
+        store.replay_spool(db, cfg.spool_for(node), node)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def close_older_runs(cfg: Config, db: sqlite_utils.Database, info: store.JobInfo,
+                     names: JobNames, read_namespace: bool) -> list[int]:
+    """Close the rows of older runs of this job on this node that still say `running`.
+
+    Their epilog never ran here: the node rebooted (or the epilog failed) and SLURM requeued
+    the job. With read_namespace, a namespace that still exists is the newest such run's: its
+    counters are stored (`reconciled`); every other such run is recorded `lost` with its last
+    sample. Returns the runs closed."""
+    log = get_log()
+    older = sorted((int(r["restart"]) for r in store.running_jobs(db, info.node)
+                    if int(r["job_id"]) == info.job_id and int(r["restart"]) < info.restart), reverse=True)
+    for i, restart in enumerate(older):
+        run = store.JobInfo(job_id=info.job_id, node=info.node, restart=restart)
+        if i == 0 and read_namespace and netns.is_netns(names.netns_path):
+            row = store.job_row(db, run) or {}
+            backend = accounting.Iptables() if row.get("backend") == "iptables" else accounting.Nftables()
+            try:
+                traffic = traffic_of(backend.read(cfg, names.netns_path), cfg)
+            except SetupError as exc:
+                log.error("job %d: run %d: cannot read its counters (%s)", info.job_id, restart, exc)
+            else:
+                store.record_end(db, run, "reconciled", traffic)
+                log.warning("job %d: run %d never had its epilog here; its counters are stored "
+                            "(reconciled): %s", info.job_id, restart, _summary(traffic))
+                continue
+        store.record_end(db, run, STATE_LOST, None)
+        log.error("job %d: run %d never had its epilog here and its namespace is gone (a reboot?); "
+                  "recorded as lost, with its last sample if any", info.job_id, restart)
+    return older
+
+
 def teardown_job(cfg: Config, info: store.JobInfo,
                  defer: Callable[[Callable[[], object]], None] | None = None,
                  done_state: str = "completed") -> str:
+    """teardown() for callers that only need the state recorded."""
+    return teardown(cfg, info, defer=defer, done_state=done_state).state
+
+
+def teardown(cfg: Config, info: store.JobInfo,
+             defer: Callable[[Callable[[], object]], None] | None = None,
+             done_state: str = "completed") -> Teardown:
     """Snapshot the job's counters into the store, then remove all of the job's objects.
 
     The link is set down first (no packet can pass after the snapshot), then the counters are
-    read and stored, and only then are the namespace and the link removed: if the store
-    cannot be written the namespace and its counters stay, the error propagates, and a later
-    epilog run or the reaper can still record them. Deleting the link is the slow part
-    (~15 ms in the kernel); `defer`, if given, runs it later (the daemon does, after it has
-    answered). `done_state` is what a job whose counters were read is recorded as
-    (the reaper records "reconciled"). Idempotent; returns the state recorded.
+    read and stored, and only then are the namespace and the link removed. If the database
+    cannot be written, the record is spooled (cfg.spool_dir, stored later by whatever opens
+    the database next) and the teardown goes on; if even the spool cannot be written, the
+    namespace and its counters stay, StoreError propagates, and a later epilog run or the
+    reaper can still record them. Deleting the link is the slow part (~15 ms in the kernel);
+    `defer`, if given, runs it later (the daemon does, after it has answered). `done_state`
+    is what a job whose counters were read is recorded as (the reaper records "reconciled").
+    Idempotent.
     """
     log = get_log()
     names = JobNames.of(cfg, info.job_id, info.host)
     jid = info.job_id
-    db = store.connect(cfg.db_for(info.node))
+    db_path = cfg.db_for(info.node)
+    spool_dir = cfg.spool_for(info.node)
+    db: sqlite_utils.Database | None = None
+    db_error: str | None = None
+    row: dict[str, Any] | None = None
+    spooled: Path | None = None
+
+    def save(state: str, traffic: dict[str, dict[str, int]] | None, if_running: bool = False) -> None:
+        """record_end, or if the database cannot be written, the spool (or StoreError)."""
+        nonlocal db_error, spooled
+        if db is not None and db_error is None:
+            try:
+                store.record_end(db, info, state, traffic)
+                return
+            except StoreError as exc:
+                db_error = _db_message(db_path, exc)
+        rec = store.spool_record(info, state, traffic, row, if_running, db_path, db_error or "")
+        try:
+            spooled = store.spool_write(spool_dir, rec)
+        except OSError as exc:
+            log.error("job %d: %s; the record cannot be spooled either (%s: %s): the namespace "
+                      "and its counters are kept", jid, db_error, spool_dir, exc.strerror or exc)
+            raise StoreError(f"{db_error}; spool {spool_dir}: {exc.strerror or exc}") from None
+        log.error("job %d: %s; its record (%s) is spooled to %s and will be stored when the "
+                  "database can be written again", jid, db_error, state, spooled)
+
     try:
-        row = store.job_row(db, info)
+        try:
+            db = open_db(cfg, info.node)
+            row = store.job_row(db, info)
+        except StoreError as exc:  # the record will be spooled
+            db_error = _db_message(db_path, exc)
         if netns.link_down(names.host_if):
             log.info("job %d: link %s down", jid, names.host_if)
         failpoint("down")
@@ -215,22 +312,40 @@ def teardown_job(cfg: Config, info: store.JobInfo,
             try:
                 counters = backend.read(cfg, names.netns_path)
             except SetupError as exc:  # e.g. someone deleted the job's table: nothing to read
-                store.record_end(db, info, STATE_LOST, None)
+                save(STATE_LOST, None)
                 log.error("job %d: cannot read its counters (%s); recorded as lost, with its "
                           "last sample if any", jid, exc)
                 state = STATE_LOST
             else:
                 traffic = traffic_of(counters, cfg)
-                store.record_end(db, info, done_state, traffic)
-                log.info("job %d: counters stored (%s): %s", jid, done_state, _summary(traffic))
+                save(done_state, traffic)
+                log.info("job %d: counters %s (%s): %s", jid, "spooled" if spooled else "stored",
+                         done_state, _summary(traffic))
                 state = done_state
         elif row is not None and row["state"] == "running":
-            store.record_end(db, info, STATE_LOST, None)
+            save(STATE_LOST, None)
             log.error("job %d: namespace %s was gone; its counters are lost", jid, names.netns)
             state = STATE_LOST
+        elif db_error is not None:  # the database cannot say whether the job ran here
+            existing = store.spool_path(spool_dir, info)
+            state = STATE_LOST
+            if os.path.exists(existing):
+                log.info("job %d: nothing to tear down; its record is already spooled (%s)", jid, existing)
+                spooled = existing
+                try:
+                    state = str(json.loads(existing.read_text())["state"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass
+            else:  # stored only if the run's row says running when the database works again
+                save(STATE_LOST, None, if_running=True)
         else:
             log.info("job %d: nothing to tear down (no prolog, or already done)", jid)
             state = row["state"] if row else "none"
+        if db is not None and db_error is None:
+            try:
+                close_older_runs(cfg, db, info, names, read_namespace=False)
+            except StoreError as exc:  # this run's record is stored; the reaper retries
+                log.error("job %d: cannot close its older runs: %s", jid, exc)
         try:
             failpoint("stored")
             if netns.remove(names.netns_path):
@@ -241,25 +356,36 @@ def teardown_job(cfg: Config, info: store.JobInfo,
                 raise
             log.error("job %d: teardown failed after its counters were stored (%s); left for "
                       "netacct-reconcile (teardown_failure = \"log\")", jid, exc)
-            return state
+            return Teardown(state, spooled, db_error)
 
         def finish() -> None:
             """Delete the link, then free the job's address (not before: its routes go with it)."""
             if netns.delete_link(names.host_if):
                 log.info("job %d: link %s removed", jid, names.host_if)
-            fdb = store.connect(cfg.db_for(info.node))
             try:
-                store.release(fdb, info.node, jid)
-            finally:
-                fdb.close()
+                fdb = store.connect(db_path)
+                try:
+                    store.release(fdb, info.node, jid)
+                finally:
+                    fdb.close()
+            except StoreError as exc:
+                log.error("job %d: its address lease cannot be freed (%s); left for netacct-reconcile",
+                          jid, exc)
 
         if defer is None:
             finish()
         else:
             defer(finish)
-        return state
+        return Teardown(state, spooled, db_error)
     finally:
-        db.close()
+        if db is not None:
+            db.close()
+
+
+def _db_message(path: Path, exc: StoreError) -> str:
+    """A database error as one line that names the database."""
+    msg = str(exc)
+    return msg if str(path) in msg else f"database {path}: {msg.removeprefix('database: ')}"
 
 
 def _summary(traffic: dict[str, dict[str, int]]) -> str:

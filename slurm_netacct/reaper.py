@@ -4,6 +4,8 @@ counters that still exist, marks those jobs "reconciled", and removes the rest.
 
 It only ever touches objects whose names carry the project's prefixes and a job id, and only
 for jobs that SLURM says are not on this node; if SLURM cannot be asked, it touches nothing.
+First (unless --dry-run) it stores the records that epilogs spooled while the database could
+not be written.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 
 from . import lifecycle, naming, netns, store
 from .config import Config
-from .errors import SetupError
+from .errors import SetupError, StoreError
 from .log import get as get_log
 
 STATE_RECONCILED = "reconciled"
@@ -88,6 +90,8 @@ def reconcile(cfg: Config, node: str, active: set[int] | None, dry_run: bool = F
     from .hooks import job_lock
 
     log = get_log()
+    if not dry_run:
+        replay(cfg, node)
     result = ReconcileResult(found=leftovers(cfg, node))
     if active is None:
         log.warning("reconcile: SLURM cannot be asked which jobs run on %s: nothing touched (%d jobs "
@@ -102,15 +106,39 @@ def reconcile(cfg: Config, node: str, active: set[int] | None, dry_run: bool = F
         info = _job_info(cfg, node, job)
         try:
             with job_lock(info):
-                state = lifecycle.teardown_job(cfg, info, done_state=STATE_RECONCILED)
+                done = lifecycle.teardown(cfg, info, done_state=STATE_RECONCILED)
+            state = done.state
             if state == "lost":
                 state = STATE_RECONCILED + " (counters lost)"
+            if done.spooled is not None:
+                state += f" (database error; record spooled to {done.spooled})"
             result.reconciled[job] = state
             log.warning("job %d: reconciled (%s): %s", job, "; ".join(what), state)
-        except (SetupError, OSError) as exc:
+        except (SetupError, StoreError, OSError) as exc:
             result.failed[job] = str(exc)
             log.error("job %d: reconcile failed: %s", job, exc)
     return result
+
+
+def replay(cfg: Config, node: str) -> int:
+    """Store the node's spooled records in its database (creating it if it is missing); the
+    number stored. A database that cannot be written is logged: the records stay spooled."""
+    log = get_log()
+    path = cfg.db_for(node)
+    if not path.exists() and not store.spool_pending(cfg.spool_for(node), node):
+        return 0
+    try:
+        db = store.connect(path)
+        try:
+            n = store.replay_spool(db, cfg.spool_for(node), node)
+        finally:
+            db.close()
+    except StoreError as exc:
+        log.error("reconcile: the spooled records stay in %s: %s", cfg.spool_for(node), exc)
+        return 0
+    if n:
+        log.warning("reconcile: %d spooled records stored in %s", n, path)
+    return n
 
 
 def _job_info(cfg: Config, node: str, job: int) -> store.JobInfo:

@@ -66,10 +66,13 @@ def _pass(cfg: Config, node: str, keep: bool) -> SampleResult:
     log = get_log()
     result = SampleResult(node=node)
     path = cfg.db_for(node)
-    if not path.exists():  # no job has ever run here: nothing is running either
-        return result
+    spool = cfg.spool_for(node)
+    if not path.exists() and not (keep and store.spool_pending(spool, node)):
+        return result  # no job has ever run here: nothing is running either
     db = store.connect(path)
     try:
+        if keep:  # records an epilog could not store (the database was broken) go in first
+            store.replay_spool(db, spool, node)
         rows = store.running_jobs(db, node)
         latest: dict[int, dict[str, Any]] = {}
         for row in sorted(rows, key=lambda r: (r["job_id"], r["restart"])):
