@@ -57,6 +57,9 @@ def pin_malloc_thresholds(nbytes: int = MALLOC_THRESHOLD) -> bool:
     return mallopt(M_MMAP_THRESHOLD, nbytes) == 1 and mallopt(M_TRIM_THRESHOLD, nbytes) == 1
 
 
+
+ACCEPT_POLL = 1.0  # seconds: how often the accept loop checks for a stop request
+
 class Daemon:
     """Accepts hook requests; `workers` jobs are worked on at once."""
 
@@ -109,13 +112,19 @@ class Daemon:
 
     def serve_forever(self) -> None:
         assert self.sock is not None
+        # A timeout, so that this loop looks at `stopping` at least once a second: the Python
+        # signal handler runs in this thread, but only when it executes bytecode.
+        self.sock.settimeout(ACCEPT_POLL)
         while not self.stopping.is_set():
             try:
                 conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 if self.stopping.is_set():
                     break
                 raise
+            conn.settimeout(None)
             self.conns.put(conn)
 
     def stop(self) -> None:
@@ -251,6 +260,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     os.environ.setdefault("PATH", hooks.SAFE_PATH)
     os.umask(0o077)
+    # SIGTERM/SIGINT must reach the main thread, which is blocked in accept(): the kernel may
+    # deliver a process signal to any thread that does not block it, and a worker receiving it
+    # would leave accept() asleep (seen: a stop ignored until a second SIGTERM). The threads
+    # start with both blocked (they inherit this mask); the main thread unblocks them below.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
         d = Daemon(args.config, args.socket, args.workers, args.max_jobs)
         d.start()
@@ -259,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     signal.signal(signal.SIGTERM, lambda *_: d.stop())
     signal.signal(signal.SIGINT, lambda *_: d.stop())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)  # one that came meanwhile is handled now
     print(f"netacct-daemon: listening on {args.socket}", flush=True)
     d.serve_forever()
     d.drain()

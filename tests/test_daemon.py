@@ -165,3 +165,40 @@ def test_daemon_exits_after_max_jobs_and_the_hooks_carry_on(topo: Topology, tmp_
         assert project_leftovers(topo) == []
     finally:
         node.cleanup()
+
+
+def _sig_blocked(pid: int, tid: int) -> int:
+    for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return int(line.split()[1], 16)
+    raise AssertionError("no SigBlk")
+
+
+def test_only_the_main_thread_takes_sigterm(dnode: Node) -> None:
+    """The kernel gives a process signal to any thread not blocking it; a worker taking SIGTERM
+    would leave the main thread asleep in accept() (a stop that was once ignored)."""
+    assert dnode.daemon is not None
+    pid = dnode.daemon.pid
+    dnode.settle()  # a request answered: every thread is up
+    term_int = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))
+    tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    assert len(tids) >= 3, tids
+    for tid in tids:
+        blocked = _sig_blocked(pid, tid) & term_int
+        assert blocked == (0 if tid == pid else term_int), (tid, hex(blocked))
+
+
+def test_sigterm_stops_the_daemon_promptly_every_time(topo: Topology, tmp_path: Path) -> None:
+    node = Node(topo, tmp_path, "nftables")
+    try:
+        for _ in range(5):
+            node.start_daemon()
+            assert node.daemon is not None
+            node.settle()
+            t0 = time.monotonic()
+            node.daemon.send_signal(signal.SIGTERM)
+            assert node.daemon.wait(timeout=10) == 0
+            assert time.monotonic() - t0 < 5
+            node.daemon = None
+    finally:
+        node.cleanup()
