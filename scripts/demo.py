@@ -36,7 +36,7 @@ def main() -> int:
     shutil.copy(ROOT / "tests" / "traffic.py", work / "traffic.py")
     cfg = work / "netacct.toml"
     cfg.write_text(f'uplink = "up0"\nnetns_prefix = "{tag}job-"\nmode = "routed"\n'
-                   f'db = "{work}/%n.db"\nlog_file = "{work}/netacct.log"\n')
+                   f'db = "{work}/%n.db"\nlog_file = "{work}/netacct.log"\nspool_dir = "{work}/spool"\n')
     env = dict(os.environ, NETACCT_CONFIG=str(cfg))
     topo = Topology(tag, nodes=("n1",), controller=True)
     print(f"demo: sandbox network: {', '.join(topo.namespaces)}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import config as config_mod
 from . import lifecycle, naming, store
-from .errors import JobIdError, NetacctError
+from .errors import JobIdError, NetacctError, SetupError
 from .log import setup as setup_log
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -61,8 +61,12 @@ def job_lock(info: store.JobInfo) -> Iterator[None]:
     """Serialise work on one job on one node (the daemon and a fallback hook may race).
 
     A fixed set of lock files (job id modulo 256): nothing accumulates in /run."""
-    LOCK_DIR.mkdir(parents=True, exist_ok=True)
-    fd = os.open(LOCK_DIR / f"stripe-{info.job_id % LOCK_STRIPES}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    path = LOCK_DIR / f"stripe-{info.job_id % LOCK_STRIPES}"
+    try:
+        LOCK_DIR.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:  # e.g. /run read-only or full: nothing has been made yet
+        raise SetupError(f"cannot create the job lock {path}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

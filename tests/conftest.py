@@ -69,7 +69,7 @@ class Node:
         self.started: set[int] = set()
         body = {
             "uplink": UPLINK, "netns_prefix": JOB_PREFIX, "db": str(self.db),
-            "log_file": str(self.log), "firewall": backend,
+            "log_file": str(self.log), "firewall": backend, "spool_dir": str(tmp / "spool"),
         }
         body.update({k: v for k, v in overrides.items() if k != "pool"})
         lines = [f"{k} = {json.dumps(v)}" for k, v in body.items()]

@@ -97,7 +97,7 @@ def cluster() -> Iterator[Cluster]:
     (work / "resolv.conf").write_text("nameserver 127.0.0.53\noptions timeout:2 attempts:2\n")
     config = work / "netacct.toml"
     config.write_text(f'uplink = "up0"\nnetns_prefix = "{JOB_PREFIX}"\nmode = "routed"\n'
-                      f'db = "{work}/%n.db"\nlog_file = "{work}/netacct-%n.log"\n'
+                      f'db = "{work}/%n.db"\nlog_file = "{work}/netacct-%n.log"\nspool_dir = "{work}/spool-%n"\n'
                       '[pool]\nipv4 = "100.64.0.0/16"\n')
     topo.up()
     slurm = None
