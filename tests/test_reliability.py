@@ -343,9 +343,13 @@ def test_a_spool_that_cannot_be_written_keeps_the_counters(topo, tmp_path: Path,
 
 
 def test_many_cycles_leave_nothing_behind(topo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """A reduced version of the 1000-cycle leak run (bench/hooks.py --cycles for the full one):
-    after N jobs through the service there is no namespace, link, route, rule, lease, file or
-    descriptor more than after the first few, and exactly N complete rows."""
+    """A reduced version of the 1000-cycle leak run: after N jobs through the service there is
+    no namespace, link, route, rule, lease, file or descriptor more than after the first few,
+    and exactly N complete rows. N is 205 in CI; the full run is
+    `NETACCT_LEAK_CYCLES=1000 .venv/bin/python -m pytest tests/test_reliability.py -k many_cycles`
+    (result in bench/RESULTS.md; the service's memory over 10,000 jobs: bench/hooks.py --cycles)."""
+    total = int(os.environ.get("NETACCT_LEAK_CYCLES", "205"))
+    assert total > 5
     node = Node(topo, tmp_path, "nftables", daemon=True)
     assert node.daemon is not None
     pid = node.daemon.pid
@@ -363,7 +367,7 @@ def test_many_cycles_leave_nothing_behind(topo, tmp_path: Path) -> None:  # type
             node.prolog(j)
             node.epilog(j)
         before = snapshot()
-        for j in range(6, 206):
+        for j in range(6, total + 1):
             node.prolog(j)
             node.epilog(j)
         after = snapshot()
@@ -376,9 +380,9 @@ def test_many_cycles_leave_nothing_behind(topo, tmp_path: Path) -> None:  # type
         assert after[0] <= before[0] + 5, (before, after)
         assert project_leftovers(topo) == []
         with sqlite3.connect(node.db) as conn:
-            assert conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'completed'").fetchone() == (205,)
+            assert conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'completed'").fetchone() == (total,)
             assert conn.execute("SELECT COUNT(*) FROM jobs WHERE state != 'completed'").fetchone() == (0,)
-            assert conn.execute("SELECT COUNT(DISTINCT job_id) FROM traffic").fetchone() == (205,)
+            assert conn.execute("SELECT COUNT(DISTINCT job_id) FROM traffic").fetchone() == (total,)
             assert conn.execute("SELECT * FROM leases").fetchall() == []
         routes = in_ns(topo.node, "ip", "route").stdout + in_ns(topo.node, "ip", "-6", "route").stdout
         assert "100.64." not in routes and "fd00:6e61" not in routes
