@@ -97,7 +97,7 @@ class Backend(Protocol):
 
     name: str
 
-    def install(self, cfg: Config, ns_path: Path, plan: NodePlan) -> None: ...
+    def install(self, cfg: Config, ns_path: Path, plan: NodePlan) -> None: ...  # into a namespace just made
     def read(self, cfg: Config, ns_path: Path) -> Counters: ...
     def install_node(self, cfg: Config, plan: NodePlan) -> None: ...
     def remove_node(self, cfg: Config) -> bool: ...
@@ -138,11 +138,17 @@ class Nftables:
 
     name = "nftables"
 
-    def ruleset(self, cfg: Config, plan: NodePlan | None = None) -> str:
-        """The job namespace's complete table, as `nft -f` input (replaces any old one)."""
+    def ruleset(self, cfg: Config, plan: NodePlan | None = None, fresh: bool = False) -> str:
+        """The job namespace's complete table, as `nft -f` input: replacing any old one, or
+        with `fresh` (a namespace just made, no table yet) only creating it.
+
+        The replacing form deletes a table in the same transaction, and the kernel frees
+        deleted objects after an RCU grace period that the closing of the netlink socket
+        then waits for: 12 ms measured here, against 0.02 ms without a deletion."""
         t = naming.NFT_TABLE
         spec = rules(cfg)  # the rules, described once: sets, chains and counters follow them
-        lines = [f"table inet {t} {{}}", f"delete table inet {t}", f"table inet {t} {{"]
+        lines = [] if fresh else [f"table inet {t} {{}}", f"delete table inet {t}"]
+        lines.append(f"table inet {t} {{")
         by_set: dict[str, list[str]] = {}
         for r in spec:
             if r.direction == "out" and r.prefix is not None:
@@ -194,7 +200,8 @@ class Nftables:
         if plan.dns_stub is not None:
             with entered(ns_path):
                 _job_sysctls(plan)
-        nftlib.run(self.ruleset(cfg, plan), ns_path)
+        # setup_job calls this right after creating the namespace: nothing to replace.
+        nftlib.run(self.ruleset(cfg, plan, fresh=True), ns_path)
 
     def read(self, cfg: Config, ns_path: Path) -> Counters:
         """The job's named counters, straight from netlink (see nftread: ~40 us a job)."""
