@@ -303,7 +303,7 @@ def teardown(cfg: Config, info: store.JobInfo,
             row = store.job_row(db, info)
         except StoreError as exc:  # the record will be spooled
             db_error = _db_message(db_path, exc)
-        if netns.link_down(names.host_if):
+        if netns.stop_link(names.netns_path, naming.JOB_IFNAME, names.host_if):
             log.info("job %d: link %s down", jid, names.host_if)
         failpoint("down")
         if netns.is_netns(names.netns_path):
