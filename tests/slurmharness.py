@@ -551,27 +551,29 @@ class SlurmCluster:
             self._signal(self._procs[key], signal.SIGTERM)
         for key in daemons:
             self._reap(self._procs[key], deadline)
-        # Leftovers: slurmstepd and job processes live in the nodes' UTS namespaces.
-        while self._uts:
-            left = [p for p in _pids_in_uts_namespaces(self._uts) if not _is_zombie(p)]
-            if not left:
-                break
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            if time.monotonic() > deadline:
-                raise HarnessError(f"processes still alive in the cluster's UTS namespaces: {left}")
-            time.sleep(0.05)
-        if "munged" in self._procs:
-            self._signal(self._procs["munged"], signal.SIGTERM)
-            self._reap(self._procs["munged"], deadline)
-        self._procs.clear()
-        self._uts.clear()
-        for f in self._stderr_files:
-            f.close()  # type: ignore[attr-defined]
-        self._stderr_files.clear()
+        try:
+            # Leftovers: slurmstepd and job processes live in the nodes' UTS namespaces.
+            while self._uts:
+                left = [p for p in _pids_in_uts_namespaces(self._uts) if not _is_zombie(p)]
+                if not left:
+                    break
+                for pid in left:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                if time.monotonic() > deadline:
+                    raise HarnessError(f"processes still alive in the cluster's UTS namespaces: {left}")
+                time.sleep(0.05)
+        finally:  # munged too, even when something above would not die
+            if "munged" in self._procs:
+                self._signal(self._procs["munged"], signal.SIGTERM)
+                self._reap(self._procs["munged"], time.monotonic() + 5)
+            self._procs.clear()
+            self._uts.clear()
+            for f in self._stderr_files:
+                f.close()  # type: ignore[attr-defined]
+            self._stderr_files.clear()
 
     @staticmethod
     def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
