@@ -73,10 +73,13 @@ class Bench:
             raise SystemExit(f"{which} {job}: {r.stderr}")
         return dt
 
-    def pairs(self, first: int, n: int) -> tuple[float, float]:
+    def pairs(self, first: int, n: int, gap: float = 0.0) -> tuple[float, float]:
+        """Medians (ms) of n prolog/epilog pairs; `gap` seconds of quiet before each hook."""
         pro, epi = [], []
         for j in range(first, first + n):
+            time.sleep(gap)
             pro.append(self.hook("prolog", j))
+            time.sleep(gap)
             epi.append(self.hook("epilog", j))
         return statistics.median(pro) * 1e3, statistics.median(epi) * 1e3
 
@@ -98,6 +101,9 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1000, help="other jobs on the node for the loaded runs")
     ap.add_argument("--runs", type=int, default=50, help="prolog/epilog pairs per measurement")
     ap.add_argument("--cycles", type=int, default=0, help="daemon memory run: this many pairs")
+    ap.add_argument("--gap", type=float, default=0.0,
+                    help="seconds between hooks in the timed runs (0: back to back, the worst case; "
+                         "the service's deferred link deletions then overlap the next hook)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tag = f"hb{os.getpid() % 10000}-"
@@ -110,13 +116,13 @@ def main() -> int:
         print(f"without daemon, 0 other jobs: prolog {res['fallback_prolog_ms']:.1f} ms, epilog {res['fallback_epilog_ms']:.1f} ms", flush=True)
         b.start_daemon()
         b.pairs(100, 5)  # warm-up
-        res["prolog0_ms"], res["epilog0_ms"] = b.pairs(1000, args.runs)
+        res["prolog0_ms"], res["epilog0_ms"] = b.pairs(1000, args.runs, args.gap)
         print(f"daemon, 0 other jobs: prolog {res['prolog0_ms']:.1f} ms, epilog {res['epilog0_ms']:.1f} ms", flush=True)
         t0 = time.perf_counter()
         for j in range(100_000, 100_000 + args.jobs):
             b.hook("prolog", j)
         print(f"loaded {args.jobs} jobs in {time.perf_counter() - t0:.1f} s", flush=True)
-        res["prologN_ms"], res["epilogN_ms"] = b.pairs(2000, args.runs)
+        res["prologN_ms"], res["epilogN_ms"] = b.pairs(2000, args.runs, args.gap)
         print(f"daemon, {args.jobs} other jobs: prolog {res['prologN_ms']:.1f} ms, epilog {res['epilogN_ms']:.1f} ms", flush=True)
         res["read_all_ms"] = b.read_all_ms()
         print(f"reading every running job's counters ({args.jobs}): {res['read_all_ms']:.1f} ms", flush=True)
