@@ -224,8 +224,8 @@ def close_older_runs(cfg: Config, db: sqlite_utils.Database, info: store.JobInfo
     counters are stored (`reconciled`); every other such run is recorded `lost` with its last
     sample. Returns the runs closed."""
     log = get_log()
-    older = sorted((int(r["restart"]) for r in store.running_jobs(db, info.node)
-                    if int(r["job_id"]) == info.job_id and int(r["restart"]) < info.restart), reverse=True)
+    older = sorted((int(r["restart"]) for r in store.running_jobs(db, info.node, info.job_id)
+                    if int(r["restart"]) < info.restart), reverse=True)
     for i, restart in enumerate(older):
         run = store.JobInfo(job_id=info.job_id, node=info.node, restart=restart)
         if i == 0 and read_namespace and netns.is_netns(names.netns_path):

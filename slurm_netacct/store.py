@@ -219,13 +219,18 @@ def record_end(db: sqlite_utils.Database, info: JobInfo, state: str,
         return True
 
 
-def running_jobs(db: sqlite_utils.Database, node: str | None = None) -> list[dict[str, Any]]:
-    """Rows of the jobs this database believes are running (on `node`, if given)."""
+def running_jobs(db: sqlite_utils.Database, node: str | None = None,
+                 job_id: int | None = None) -> list[dict[str, Any]]:
+    """Rows of the jobs this database believes are running (on `node`, and of `job_id`, if
+    given: a prolog or epilog asks about its own job only, whatever else runs on the node)."""
     sql = "SELECT * FROM jobs WHERE state = 'running'"
     params: tuple[Any, ...] = ()
     if node is not None:
         sql += " AND node = ?"
         params = (node,)
+    if job_id is not None:
+        sql += " AND job_id = ?"
+        params = (*params, job_id)
     with _sql_errors():
         cur = db.conn.execute(sql, params)
         cols = [c[0] for c in cur.description]
