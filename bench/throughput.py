@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,6 +95,7 @@ def main() -> int:
         server.terminate()
         server.wait(timeout=10)
         topo.down()
+        shutil.rmtree(work, ignore_errors=True)  # configs, logs and databases of this run
     n = args.jobs
     print()
     print(f"| backend | bare Gbit/s | job/0 Gbit/s | job/{n} Gbit/s | job/0 ÷ bare | job/{n} ÷ job/0 | read all {n + 1} ms |")
