@@ -35,6 +35,8 @@ SSH_PORT = 2222
 # A node name of its own: SLURM names its cgroups after it (slurm_<node>), and the test removes them.
 NODE = "sshn1"
 PAM_NETACCT = ROOT / "pam" / "pam_netacct.so"
+PRIVSEP_DIR = Path("/run/sshd")
+_made: list[Path] = []  # directories outside the work directory that the fixture created
 
 
 @dataclass
@@ -85,7 +87,9 @@ def _start_sshd(slurm: SlurmCluster, work: Path, node_addr: str) -> None:
         "LogLevel VERBOSE\n")
     link = d / SERVICE  # sshd's PAM service name is its program name
     link.symlink_to("/usr/sbin/sshd")
-    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+    if not PRIVSEP_DIR.exists():  # sshd's privilege separation directory (systemd makes it)
+        PRIVSEP_DIR.mkdir(mode=0o755)
+        _made.append(PRIVSEP_DIR)
     # -D: stay in the foreground (the harness keeps its PID and stops it with the cluster).
     slurm._spawn("sshd", NODE, slurm.nodes[0].netns,
                  [str(link), "-D", "-f", str(d / "sshd_config"), "-E", str(slurm.log_dir / "sshd.log")])
@@ -132,6 +136,9 @@ def lab() -> Iterator[Lab]:
             leftovers += re.findall(r"^\d+: (na\d+)[@:]", in_ns(topo.node_ns(0), "ip", "-o", "link").stdout, re.M)
         finally:
             topo.down()
+            for d in _made:  # sshd is stopped with the cluster
+                d.rmdir()
+            _made.clear()
             # proctrack/cgroup's hierarchy for this node (slurmd leaves the top directory).
             for top in Path("/sys/fs/cgroup").glob(f"*/slurm_{NODE}"):
                 for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
