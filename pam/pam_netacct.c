@@ -31,10 +31,8 @@
 #define _GNU_SOURCE
 
 #include <errno.h>
-#include <fcntl.h>
 #include <limits.h>
 #include <pwd.h>
-#include <sched.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -176,10 +174,7 @@ PAM_EXTERN int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc,
 	const char *user = NULL;
 	char path[PATH_MAX] = "";
 	char msg[PATH_MAX + 256] = "";
-	char node[256] = "";
 	uint32_t jobid = 0;
-	int fd = -1;
-	int err;
 
 	(void) flags;
 	netacct_pamh = pamh;
@@ -231,31 +226,9 @@ PAM_EXTERN int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc,
 		}
 	}
 
-	if (gethostname(node, sizeof(node) - 1) == 0)
-		node[strcspn(node, ".")] = '\0';
-	if (netacct_build_path(&conf, jobid, node, path, sizeof(path)) < 0) {
-		snprintf(msg, sizeof(msg), "job %u: cannot build the network "
-			 "namespace path", jobid);
+	if (netacct_enter_job_netns(&conf, jobid, path, sizeof(path), msg,
+				    sizeof(msg)) < 0)
 		goto fail;
-	}
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0) {
-		err = errno;
-		snprintf(msg, sizeof(msg), "job %u: cannot open network "
-			 "namespace %s: %s%s", jobid, path, strerror(err),
-			 err == ENOENT ? " (did the netacct prolog run?)" : "");
-		goto fail;
-	}
-	/* setns checks that fd is a network namespace (EINVAL if not). */
-	if (setns(fd, CLONE_NEWNET) < 0) {
-		err = errno;
-		close(fd);
-		snprintf(msg, sizeof(msg), "job %u: cannot enter network "
-			 "namespace %s: setns: %s", jobid, path,
-			 strerror(err));
-		goto fail;
-	}
-	close(fd);
 	pam_syslog(pamh, LOG_INFO, "netacct: user %s: session entered job %u's "
 		   "network namespace %s", user, jobid, path);
 	return PAM_SUCCESS;

@@ -11,10 +11,14 @@
 #ifndef NETACCT_PATH_H
 #define NETACCT_PATH_H
 
+#include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
+#include <sched.h>              /* setns: the including file defines _GNU_SOURCE */
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #define NETACCT_DEFAULT_DIR     "/run/netns"
 #define NETACCT_DEFAULT_PREFIX  "netacct-"
@@ -216,6 +220,58 @@ static int netacct_build_path(const struct netacct_conf *c, uint32_t jobid,
 toolong:
 	netacct_err("namespace path for job %u too long", jobid);
 	return -1;
+}
+
+/*
+ * The short host name (up to the first '.') into buf, "" if unknown: what %h
+ * in the prefix stands for, as the prolog sees it.
+ */
+static inline void netacct_short_hostname(char *buf, size_t len)
+{
+	if (gethostname(buf, len) != 0)
+		buf[0] = '\0';
+	buf[len - 1] = '\0';
+	buf[strcspn(buf, ".")] = '\0';
+}
+
+/*
+ * Move the calling thread into job `jobid`'s network namespace: build its
+ * path (into path), open it, setns.  Returns 0, or -1 with a one-line reason
+ * in msg.  Used by the SPANK plugin (each task) and the PAM module (each
+ * adopted ssh session), so that both enter the very same namespace.
+ */
+static inline int netacct_enter_job_netns(const struct netacct_conf *c,
+					  uint32_t jobid, char *path,
+					  size_t pathlen, char *msg,
+					  size_t msglen)
+{
+	char node[256];
+	int fd, err;
+
+	netacct_short_hostname(node, sizeof(node));
+	if (netacct_build_path(c, jobid, node, path, pathlen) < 0) {
+		snprintf(msg, msglen, "job %u: cannot build the network "
+			 "namespace path", jobid);
+		return -1;
+	}
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		err = errno;
+		snprintf(msg, msglen, "job %u: cannot open network namespace "
+			 "%s: %s%s", jobid, path, strerror(err),
+			 err == ENOENT ? " (did the netacct prolog run?)" : "");
+		return -1;
+	}
+	/* setns checks that fd is a network namespace (EINVAL if not). */
+	if (setns(fd, CLONE_NEWNET) < 0) {
+		err = errno;
+		close(fd);
+		snprintf(msg, msglen, "job %u: cannot enter network namespace "
+			 "%s: setns: %s", jobid, path, strerror(err));
+		return -1;
+	}
+	close(fd);
+	return 0;
 }
 
 #endif /* NETACCT_PATH_H */

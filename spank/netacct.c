@@ -24,10 +24,7 @@
  */
 #define _GNU_SOURCE
 
-#include <errno.h>
-#include <fcntl.h>
 #include <limits.h>
-#include <sched.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -107,12 +104,9 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 {
 	char path[PATH_MAX] = "";
 	char msg[PATH_MAX + 256] = "";
-	char node[256] = "";
 	uint32_t jobid = 0;
 	spank_err_t serr;
-	int fd = -1;
 	int rc = -1;
-	int err;
 
 	(void) ac;
 	(void) av;
@@ -126,37 +120,15 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 			 spank_strerror(serr));
 		goto done;
 	}
-	/* The short host name for a prefix with %h, as the prolog sees it.
-	 * (Not $SLURMD_NODENAME: srun passes its own environment on.) */
-	if (gethostname(node, sizeof(node) - 1) == 0)
-		node[strcspn(node, ".")] = '\0';
-	if (netacct_build_path(&conf, jobid, node, path, sizeof(path)) < 0) {
-		snprintf(msg, sizeof(msg), "job %u: cannot build the network "
-			 "namespace path", jobid);
+	/* %h is the short host name, as the prolog sees it (not
+	 * $SLURMD_NODENAME: srun passes its own environment on). */
+	if (netacct_enter_job_netns(&conf, jobid, path, sizeof(path), msg,
+				    sizeof(msg)) < 0)
 		goto done;
-	}
-
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0) {
-		err = errno;
-		snprintf(msg, sizeof(msg), "job %u: cannot open network "
-			 "namespace %s: %s%s", jobid, path, strerror(err),
-			 err == ENOENT ? " (did the netacct prolog run?)" : "");
-		goto done;
-	}
-	if (setns(fd, CLONE_NEWNET) < 0) {
-		err = errno;
-		snprintf(msg, sizeof(msg), "job %u: cannot enter network "
-			 "namespace %s: setns: %s", jobid, path,
-			 strerror(err));
-		goto done;
-	}
 	slurm_debug("netacct: job %u: task entered %s", jobid, path);
 	rc = 0;
 
 done:
-	if (fd >= 0)
-		close(fd);
 	if (rc == 0)
 		return 0;
 
@@ -225,10 +197,9 @@ int main(int argc, char **argv)
 		return 2;
 	/* %h in the prefix: the short host name, as in a task. */
 	{
-		char host[256] = "";
+		char host[256];
 
-		if (gethostname(host, sizeof(host) - 1) == 0)
-			host[strcspn(host, ".")] = '\0';
+		netacct_short_hostname(host, sizeof(host));
 		if (netacct_build_path(&conf, jobid, host, path,
 				       sizeof(path)) < 0)
 			return 2;
