@@ -430,6 +430,19 @@ def routes_main(argv: Sequence[str] | None = None) -> None:
         sys.exit(_fail(prog, exc))
 
 
+# --------------------------------------------------------------------------- node-local commands
+
+NODE_HELP = "the SLURM node name (default: $SLURMD_NODENAME, else this host's short name)"
+
+
+def _node(prog: str, value: str | None) -> str:
+    """--node, or the default node name; UsageError unless it is a valid node name."""
+    node = value or naming.default_node()
+    if not naming.valid_host_name(node):
+        raise UsageError(f"{prog}: --node {node[:64]!r} is not a valid node name")
+    return node
+
+
 # --------------------------------------------------------------------------- netacct-reconcile
 
 def reconcile_parser() -> argparse.ArgumentParser:
@@ -439,8 +452,7 @@ def reconcile_parser() -> argparse.ArgumentParser:
                             "\"reconciled\") and remove the rest. Asks SLURM (squeue) which jobs are "
                             "active on the node; if SLURM cannot answer, touches nothing.",
                 epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--node", metavar="NAME", help="this node's SLURM name (default: $SLURMD_NODENAME, "
-                   "else the short host name)")
+    p.add_argument("--node", metavar="NAME", help=NODE_HELP)
     p.add_argument("--active", metavar="ID[,ID...]",
                    help="the jobs active on this node, instead of asking squeue ('' for none)")
     p.add_argument("--dry-run", action="store_true", help="only list what would be reconciled")
@@ -448,17 +460,17 @@ def reconcile_parser() -> argparse.ArgumentParser:
 
 
 def reconcile_main(argv: Sequence[str] | None = None) -> None:
-    from . import reaper
+    from . import hooks, reaper
     from .log import setup as setup_log
 
     prog = "netacct-reconcile"
     try:
         args = reconcile_parser().parse_args(argv)
-        os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        os.environ.setdefault("PATH", hooks.SAFE_PATH)
         os.umask(0o077)
         cfg = config_mod.load()
         setup_log(cfg.log_file, prog)
-        node = args.node or naming.default_node()
+        node = _node(prog, args.node)
         if args.active is not None:
             active = parse_job_list([args.active]) if args.active.strip() else set()
         else:

@@ -11,21 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import config as config_mod
-from . import exporter, naming, sample
-from .cli import _epilog, _fail, _Parser
+from . import exporter, sample
+from .cli import NODE_HELP, _epilog, _fail, _node, _Parser
 from .errors import NetacctError, UsageError
 from .log import setup as setup_log
 
 
-def _node(prog: str, value: str | None) -> str:
-    node = value or naming.default_node()
-    if not naming.valid_host_name(node):
-        raise UsageError(f"{prog}: --node {node[:64]!r} is not a valid node name")
-    return node
-
-
-def _node_help() -> str:
-    return "the SLURM node name (default: $SLURMD_NODENAME, else this host's short name)"
 
 
 # --------------------------------------------------------------------------- netacct-sample
@@ -37,7 +28,7 @@ def sample_parser() -> argparse.ArgumentParser:
                             "counters). Run it periodically: after a node crash, only the traffic "
                             "since the last sample is lost. Prints one summary line.",
                 epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--node", metavar="NAME", help=_node_help())
+    p.add_argument("--node", metavar="NAME", help=NODE_HELP)
     return p
 
 
@@ -75,7 +66,7 @@ def exporter_parser() -> argparse.ArgumentParser:
     mode.add_argument("--listen", metavar="[ADDR:]PORT",
                       help="serve http://ADDR:PORT/metrics until SIGTERM (default ADDR: 0.0.0.0, all IPv4 "
                            "interfaces; an IPv6 address in brackets: [::1]:9835)")
-    p.add_argument("--node", metavar="NAME", help=_node_help())
+    p.add_argument("--node", metavar="NAME", help=NODE_HELP)
     return p
 
 
