@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from . import naming
 from .config import Config, IPNetwork
-from .errors import ConfigError, SetupError
+from .errors import ConfigError, NetacctError, SetupError
 from .netns import entered, run_in_netns, set_sysctl, setns
 
 DIRECTIONS = ("out", "in")  # out: the job sent it (remote = daddr); in: the job received it
@@ -99,6 +99,7 @@ class Backend(Protocol):
 
     def install(self, cfg: Config, ns_path: Path, plan: NodePlan) -> None: ...  # into a namespace just made
     def read(self, cfg: Config, ns_path: Path) -> Counters: ...
+    def read_many(self, cfg: Config, paths: list[Path]) -> dict[Path, Counters | str]: ...
     def install_node(self, cfg: Config, plan: NodePlan) -> None: ...
     def remove_node(self, cfg: Config) -> bool: ...
 
@@ -205,20 +206,29 @@ class Nftables:
 
     def read(self, cfg: Config, ns_path: Path) -> Counters:
         """The job's named counters, straight from netlink (see nftread: ~40 us a job)."""
+        got = self.read_many(cfg, [ns_path])[ns_path]
+        if isinstance(got, str):
+            raise SetupError(got)
+        return got
+
+    def read_many(self, cfg: Config, paths: list[Path]) -> dict[Path, Counters | str]:
+        """read() for many namespaces, each joined once (nftread.read_tables). A namespace
+        that cannot be read maps to its error."""
         from . import nftread
 
-        try:
-            raw = nftread.read_table(ns_path, naming.NFT_TABLE)
-        except OSError as exc:
-            raise SetupError(f"reading counters in {ns_path}: {exc.strerror or exc}") from None
-        found = {name: Count(p, b) for name, (p, b) in raw.items()}
-        counters = empty_counters(cfg)
-        for key in counters:
-            name = naming.counter_name(*key)
-            if name not in found:
-                raise SetupError(f"counter {name} is missing from {ns_path}")
-            counters[key] = found[name]
-        return counters
+        keys = [(key, naming.counter_name(*key)) for key in empty_counters(cfg)]
+        out: dict[Path, Counters | str] = {}
+        for path, raw in zip(paths, nftread.read_tables(paths, naming.NFT_TABLE)):
+            if isinstance(raw, OSError):
+                out[path] = f"reading counters in {path}: {raw.strerror or raw}"
+            elif isinstance(raw, NetacctError):
+                out[path] = str(raw)
+            else:
+                try:
+                    out[path] = {key: Count(*raw[name]) for key, name in keys}
+                except KeyError as exc:
+                    out[path] = f"counter {exc.args[0]} is missing from {path}"
+        return out
 
     def node_ruleset(self, cfg: Config, plan: NodePlan) -> str:
         t = naming.NODE_NFT_TABLE

@@ -11,6 +11,7 @@ import errno
 import os
 import socket
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import SetupError
@@ -46,21 +47,6 @@ _NLMSG = struct.Struct("=IHHII")
 _U64 = struct.Struct("!Q")
 
 
-def _attrs(data: bytes, start: int = 0, end: int | None = None) -> dict[int, tuple[int, int]]:
-    """Netlink attributes in data[start:end] as {type: (offset, end offset)} (no copies)."""
-    out: dict[int, tuple[int, int]] = {}
-    unpack = _NLA.unpack_from
-    pos = start
-    stop = len(data) if end is None else end
-    while pos + 4 <= stop:
-        length, kind = unpack(data, pos)
-        if length < 4:
-            break
-        out[kind & 0x7FFF] = (pos + 4, pos + length)
-        pos += (length + 3) & ~3
-    return out
-
-
 def _open_in(path: Path) -> socket.socket:
     """A netlink socket that belongs to the namespace at path; the caller stays where it is.
 
@@ -79,42 +65,129 @@ def _open_in(path: Path) -> socket.socket:
         os.close(fd)
 
 
-def read_table(path: Path, table: str) -> dict[str, tuple[int, int]]:
-    """{counter name: (packets, bytes)} of table `inet <table>` in the namespace at path."""
+def _open_many(paths: Sequence[Path]) -> list[socket.socket | OSError]:
+    """A netlink socket in each namespace (or why there is none), opened on one visit each.
+
+    The thread goes from one namespace straight to the next and home once at the end: half
+    the setns calls of opening them one by one."""
+    home = home_fd()
+    out: list[socket.socket | OSError] = []
     try:
-        sock = _open_in(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(errno.ENOENT, "no such network namespace", str(path)) from None
-    except OSError as exc:
-        if not is_netns(path):  # a leftover plain file, not a namespace
-            raise FileNotFoundError(errno.ENOENT, "not a network namespace", str(path)) from None
-        raise SetupError(f"cannot join {path}: {exc}") from None
-    try:
-        sock.send(_request(table, 1))  # the kernel binds the socket on first send
-        found: dict[str, tuple[int, int]] = {}
-        while True:
-            data = sock.recv(65536)
-            pos = 0
-            while pos + 16 <= len(data):
-                length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(data, pos)
-                if mtype == NLMSG_DONE:
-                    return found
-                if mtype == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", data, pos + 16)
-                    if code == 0:
-                        return found
-                    raise OSError(-code, f"nftables counters of {table} in {path}: {os.strerror(-code)}")
-                if mtype == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ:
-                    attrs = _attrs(data, pos + 20, pos + length)  # after nlmsghdr + nfgenmsg
-                    a, b = attrs[NFTA_OBJ_NAME]
-                    name = data[a:b].rstrip(b"\0").decode()
-                    counter = _attrs(data, *attrs[NFTA_OBJ_DATA])
-                    (nbytes,) = _U64.unpack_from(data, counter[NFTA_COUNTER_BYTES][0])
-                    (npackets,) = _U64.unpack_from(data, counter[NFTA_COUNTER_PACKETS][0])
-                    found[name] = (npackets, nbytes)
-                pos += (length + 3) & ~3
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                out.append(FileNotFoundError(errno.ENOENT, "no such network namespace", str(path)))
+                continue
+            except OSError as exc:
+                out.append(exc)
+                continue
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    out.append(OSError(errno.EINVAL, f"setns {path}"))
+                else:
+                    out.append(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER))
+            except OSError as exc:
+                out.append(exc)
+            finally:
+                os.close(fd)
+    except BaseException:
+        for s in out:
+            if isinstance(s, socket.socket):
+                s.close()
+        raise
     finally:
-        sock.close()
+        go_home(home)
+    return out
+
+
+_NEWOBJ = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ
+Found = dict[str, tuple[int, int]]  # counter name -> (packets, bytes)
+
+
+def _ask(sock: socket.socket, request: bytes, what: str) -> Found:
+    """Send a counter dump request on sock and parse the answer: {name: (packets, bytes)}."""
+    sock.send(request)  # the kernel binds the socket on first send
+    found: Found = {}
+    unpack_msg = _NLMSG.unpack_from
+    unpack_nla = _NLA.unpack_from
+    unpack_u64 = _U64.unpack_from
+    while True:
+        data = sock.recv(65536)
+        pos = 0
+        size = len(data)
+        while pos + 16 <= size:
+            length, mtype, _flags, _seq, _pid = unpack_msg(data, pos)
+            if mtype == _NEWOBJ:  # nlmsghdr (16) + nfgenmsg (4), then the object's attributes
+                name = b""
+                nbytes = npackets = -1
+                a, stop = pos + 20, pos + length
+                while a + 4 <= stop:
+                    alen, kind = unpack_nla(data, a)
+                    if alen < 4:
+                        break
+                    kind &= 0x7FFF
+                    if kind == NFTA_OBJ_NAME:
+                        name = data[a + 4:a + alen].rstrip(b"\0")
+                    elif kind == NFTA_OBJ_DATA:
+                        b, bstop = a + 4, a + alen
+                        while b + 4 <= bstop:
+                            blen, bkind = unpack_nla(data, b)
+                            if blen < 4:
+                                break
+                            bkind &= 0x7FFF
+                            if bkind == NFTA_COUNTER_BYTES:
+                                (nbytes,) = unpack_u64(data, b + 4)
+                            elif bkind == NFTA_COUNTER_PACKETS:
+                                (npackets,) = unpack_u64(data, b + 4)
+                            b += (blen + 3) & ~3
+                    a += (alen + 3) & ~3
+                if name and nbytes >= 0 and npackets >= 0:
+                    found[name.decode()] = (npackets, nbytes)
+            elif mtype == NLMSG_DONE:
+                return found
+            elif mtype == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", data, pos + 16)
+                if code == 0:
+                    return found
+                raise OSError(-code, f"nftables counters of {what}: {os.strerror(-code)}")
+            pos += (length + 3) & ~3
+
+
+BATCH = 128  # sockets open at once: far below the 1024 descriptors a service may have
+
+
+def read_tables(paths: Sequence[Path], table: str) -> list[Found | OSError | SetupError]:
+    """read_table for many namespaces: for each path, its counters or the OSError that stopped
+    reading them (FileNotFoundError: no namespace there; SetupError: cannot join it)."""
+    request = _request(table, 1)
+    out: list[Found | OSError | SetupError] = []
+    for first in range(0, len(paths), BATCH):
+        batch = paths[first:first + BATCH]
+        for path, sock in zip(batch, _open_many(batch)):
+            if isinstance(sock, OSError):
+                if isinstance(sock, FileNotFoundError):
+                    out.append(sock)
+                elif not is_netns(path):  # a leftover plain file, not a namespace
+                    out.append(FileNotFoundError(errno.ENOENT, "not a network namespace", str(path)))
+                else:
+                    out.append(SetupError(f"cannot join {path}: {sock}"))
+                continue
+            try:
+                out.append(_ask(sock, request, f"{table} in {path}"))
+            except OSError as exc:
+                out.append(exc)
+            finally:
+                sock.close()
+    return out
+
+
+def read_table(path: Path, table: str) -> Found:
+    """{counter name: (packets, bytes)} of table `inet <table>` in the namespace at path."""
+    (got,) = read_tables([path], table)
+    if isinstance(got, (OSError, SetupError)):
+        raise got
+    return got
 
 
 NFT_MSG_GETTABLE = 1

@@ -79,49 +79,44 @@ def _pass(cfg: Config, node: str, keep: bool) -> SampleResult:
             if row["job_id"] in latest:  # an older run of a requeued job whose epilog failed:
                 result.skipped_jobs.append(int(row["job_id"]))  # the namespace is the newest run's
             latest[row["job_id"]] = row
-        backends: dict[str, accounting.Backend] = {}
-        # The iptables backend reads best in bulk (a child process per family in all).
-        prefetched: dict[Path, Any] = {}
-        ipt_paths = [cfg.netns_dir / r["netns"] for r in latest.values()
-                     if r.get("backend") == "iptables" and r.get("netns")]
-        if ipt_paths:
-            backends["iptables"] = ipt = accounting.Iptables()
+        # Each backend reads all its namespaces in one go (nftables: each namespace joined
+        # once; iptables: one child process per family), then each job is looked at.
+        by_backend: dict[str, list[Path]] = {}
+        where: dict[int, tuple[str, Path]] = {}
+        for job_id, row in latest.items():
+            name = row.get("netns") or lifecycle.JobNames.of(cfg, job_id).netns
+            path = cfg.netns_dir / name  # the name the prolog gave it (%h may differ here)
+            bname = row["backend"] or "nftables"
+            by_backend.setdefault(bname, []).append(path)
+            where[job_id] = (name, path)
+        prefetched: dict[Path, accounting.Counters | str] = {}
+        for bname, paths in by_backend.items():
+            backend = _backend(bname)
             try:
-                prefetched = ipt.read_many(cfg, ipt_paths)
+                prefetched.update(backend.read_many(cfg, paths))
             except NetacctError as exc:
-                log.error("reading the iptables counters in bulk failed (%s); one by one", exc)
+                log.error("reading the %s counters in bulk failed (%s); one by one", bname, exc)
+                for one in paths:
+                    try:
+                        prefetched[one] = backend.read(cfg, one)
+                    except NetacctError as err:
+                        prefetched[one] = str(err)
         for job_id, row in latest.items():
             info = _info(row)
-            names = lifecycle.JobNames.of(cfg, job_id)
-            if row.get("netns"):  # the name the prolog gave it (%h may differ in this process)
-                names = lifecycle.JobNames(job_id, row["netns"], cfg.netns_dir / row["netns"], names.host_if)
-            if not netns.is_netns(names.netns_path):
-                log.info("job %d: no namespace %s to sample (the job is ending)", job_id, names.netns)
+            name, path = where[job_id]
+            got = prefetched[path]
+            if isinstance(got, dict):
+                result.traffic[job_id] = lifecycle.traffic_of(got, cfg)
+                result.jobs[job_id] = info
+            elif not netns.is_netns(path):
+                log.info("job %d: no namespace %s to sample (the job is ending)", job_id, name)
                 result.skipped_jobs.append(job_id)
-                continue
-            bname = row["backend"] or "nftables"
-            if bname not in backends:
-                backends[bname] = _backend(bname)
-            backend = backends[bname]
-            try:
-                got = prefetched.get(names.netns_path)
-                if isinstance(got, dict):
-                    counters = got
-                elif isinstance(got, str):
-                    raise SetupError(f"iptables: {got}")
-                else:
-                    counters = backend.read(cfg, names.netns_path)
-                traffic = lifecycle.traffic_of(counters, cfg)
-            except NetacctError as exc:
-                if not netns.is_netns(names.netns_path) or not _still_running(db, info):
-                    log.info("job %d: ended while being sampled (%s)", job_id, exc)
-                    result.skipped_jobs.append(job_id)
-                else:
-                    log.error("job %d: cannot read its counters: %s", job_id, exc)
-                    result.failures[job_id] = exc
-                continue
-            result.traffic[job_id] = traffic
-            result.jobs[job_id] = info
+            elif not _still_running(db, info):
+                log.info("job %d: ended while being sampled (%s)", job_id, got)
+                result.skipped_jobs.append(job_id)
+            else:
+                log.error("job %d: cannot read its counters: %s", job_id, got)
+                result.failures[job_id] = SetupError(got)
         if keep and result.traffic:  # one transaction for the whole node
             ids = list(result.traffic)
             try:
