@@ -1,16 +1,19 @@
 """Benchmark: a job's single-stream TCP throughput with N other jobs' accounting loaded.
 
-Measures, in the hermetic sandbox (tests/topology.py), with iperf3 to the LAN server:
+Measures, in the hermetic sandbox (tests/topology.py), with iperf3 to the LAN server (from it
+with --download):
   bare      the node itself, no job namespace (the baseline)
   job/0     one accounted job, no other job on the node
   job/N     the same job with N other jobs set up on the node
+  job/0 rps a second job set up with `rps_cpus` (with --rps-cpus MASK)
 for each backend, and reports the ratios. Run as root:
-    .venv/bin/python bench/throughput.py --jobs 1000
+    .venv/bin/python bench/throughput.py --jobs 1000 [--rps-cpus 1] [--download]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -32,10 +35,13 @@ from slurm_netacct.log import setup as setup_log  # noqa: E402
 IPERF_PORT = 5201
 
 
+REVERSE: list[str] = []  # ["-R"] with --download: the server sends, the job receives
+
+
 def iperf(argv_prefix: list[str], seconds: int) -> float:
     """One iperf3 run from wherever argv_prefix puts it; received bits per second."""
     out = subprocess.run([*argv_prefix, "iperf3", "-c", LAN4, "-p", str(IPERF_PORT), "-t", str(seconds),
-                          "-J"], capture_output=True, text=True, check=True, timeout=seconds + 30).stdout
+                          "-J", *REVERSE], capture_output=True, text=True, check=True, timeout=seconds + 30).stdout
     return float(json.loads(out)["end"]["sum_received"]["bits_per_second"])
 
 
@@ -43,14 +49,14 @@ def measure(argv_prefix: list[str], seconds: int, reps: int) -> float:
     return statistics.median(iperf(argv_prefix, seconds) for _ in range(reps))
 
 
-def paired(a: list[str], b: list[str], seconds: int, reps: int) -> tuple[float, float]:
-    """Medians of a and b measured alternately (a, b, a, b, ...): slow drifts of a shared
-    machine hit both alike."""
-    xs, ys = [], []
+def alternating(prefixes: list[list[str]], seconds: int, reps: int) -> list[float]:
+    """Medians of each prefix's runs, measured in turn (a, b, c, a, b, c, ...): slow drifts of
+    a shared machine hit all alike."""
+    runs: list[list[float]] = [[] for _ in prefixes]
     for _ in range(reps):
-        xs.append(iperf(a, seconds))
-        ys.append(iperf(b, seconds))
-    return statistics.median(xs), statistics.median(ys)
+        for i, prefix in enumerate(prefixes):
+            runs[i].append(iperf(prefix, seconds))
+    return [statistics.median(r) for r in runs]
 
 
 def main() -> int:
@@ -59,10 +65,16 @@ def main() -> int:
     ap.add_argument("--backends", default="nftables,iptables")
     ap.add_argument("--seconds", type=int, default=3, help="length of one iperf3 run (whole seconds, >= 1)")
     ap.add_argument("--reps", type=int, default=5, help="runs per point (median reported)")
+    ap.add_argument("--rps-cpus", default="",
+                    help="also measure a job set up with this rps_cpus setting (e.g. all), alternating")
+    ap.add_argument("--download", action="store_true",
+                    help="the LAN server sends and the job (or the bare node) receives (iperf3 -R)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     if args.seconds < 1:  # iperf3 -t 0 means "forever"
         ap.error("--seconds must be at least 1")
+    if args.download:
+        REVERSE.append("-R")
 
     tag = f"bt{os.getpid() % 10000}-"
     work = Path(tempfile.mkdtemp(prefix="netacct-bench-"))
@@ -98,12 +110,15 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)  # configs, logs and databases of this run
     n = args.jobs
     print()
-    print(f"| backend | bare Gbit/s | job/0 Gbit/s | job/{n} Gbit/s | job/0 ÷ bare | job/{n} ÷ job/0 | read all {n + 1} ms |")
-    print("|---|---|---|---|---|---|---|")
+    rps = " job/0 rps Gbit/s | job/0 rps ÷ bare |" if args.rps_cpus else ""
+    print(f"| backend | bare Gbit/s | job/0 Gbit/s | job/{n} Gbit/s | job/0 ÷ bare | job/{n} ÷ job/0 |{rps} "
+          f"read all {n + 1} ms |")
+    print("|---|---|---|---|---|---|" + ("---|---|" if rps else "") + "---|")
     for b, r in results.items():
         j0 = (r["job0"] + r["job0_after"]) / 2
+        extra = f" {r['job0_rps'] / 1e9:.2f} | {r['job0_rps'] / r['bare']:.3f} |" if rps else ""
         print(f"| {b} | {r['bare'] / 1e9:.2f} | {j0 / 1e9:.2f} | {r['jobN'] / 1e9:.2f} | "
-              f"{r['job0'] / r['bare']:.3f} | {r['jobN'] / j0:.3f} | {r['read_all_ms']:.1f} |")
+              f"{r['job0'] / r['bare']:.3f} | {r['jobN'] / j0:.3f} |{extra} {r['read_all_ms']:.1f} |")
     if args.json:
         args.json.write_text(json.dumps({"jobs": args.jobs, "results": results}, indent=2))
     return 0
@@ -116,9 +131,20 @@ def run_backend(cfg: config.Config, cfg_path: Path, args: argparse.Namespace) ->
     lifecycle.setup_job(cfg, store.JobInfo(job_id=measured, node="bench"))
     job_prefix = [str(ROOT / ".venv/bin/netacct-exec"), "--job", str(measured), "--"]
     os.environ["NETACCT_CONFIG"] = str(cfg_path)
-    bare, job0 = paired([], job_prefix, args.seconds, args.reps)  # this process is in the node
-    print(f"{cfg.firewall}: bare {bare / 1e9:.2f} Gbit/s, job/0 {job0 / 1e9:.2f} Gbit/s "
-          "(alternating runs)", flush=True)
+    prefixes = [[], job_prefix]  # this process is in the node: [] is the bare node
+    rps_job, mask_file = 2, Path("/proc/sys/net/core/rps_default_mask")
+    mask_before = mask_file.read_text().strip()
+    if args.rps_cpus:  # the same job again, its link made with rps_cpus (it only acts on new links)
+        lifecycle.setup_job(dataclasses.replace(cfg, rps_cpus=args.rps_cpus),
+                            store.JobInfo(job_id=rps_job, node="bench"))
+        prefixes.append([str(ROOT / ".venv/bin/netacct-exec"), "--job", str(rps_job), "--"])
+    bare, job0, *rps = alternating(prefixes, args.seconds, args.reps)
+    print(f"{cfg.firewall}: bare {bare / 1e9:.2f} Gbit/s, job/0 {job0 / 1e9:.2f} Gbit/s"
+          + (f", job/0 with rps_cpus={args.rps_cpus} {rps[0] / 1e9:.2f} Gbit/s" if rps else "")
+          + " (alternating runs)", flush=True)
+    if args.rps_cpus:
+        lifecycle.teardown_job(cfg, store.JobInfo(job_id=rps_job, node="bench"))
+        mask_file.write_text(mask_before)  # jobs made from here on: without rps, as job 1
     t0 = time.perf_counter()
     others = range(100000, 100000 + args.jobs)
     for j in others:
@@ -148,7 +174,8 @@ def run_backend(cfg: config.Config, cfg_path: Path, args: argparse.Namespace) ->
     print(f"{cfg.firewall}: job/0 again {job0_after / 1e9:.2f} Gbit/s", flush=True)
     lifecycle.teardown_job(cfg, store.JobInfo(job_id=measured, node="bench"))
     return {"bare": bare, "job0": job0, "job0_after": job0_after, "jobN": jobn, "setup_s": t_setup,
-            "teardown_s": t_down, "read_all_ms": read_ms, "sample_all_ms": sample_ms}
+            "teardown_s": t_down, "read_all_ms": read_ms, "sample_all_ms": sample_ms,
+            **({"job0_rps": rps[0]} if rps else {})}
 
 
 if __name__ == "__main__":

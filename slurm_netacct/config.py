@@ -30,9 +30,10 @@ _ROUTED_KEYS = {"prefixlen4", "prefixlen6", "nodes"}
 _TOP_KEYS = {
     "uplink", "netns_prefix", "ifname_prefix", "db", "default_class", "firewall", "mode",
     "log_file", "netns_dir", "pool", "classes", "routed", "dns", "report", "teardown_failure",
-    "spool_dir",
+    "spool_dir", "rps_cpus",
 }
 TEARDOWN_FAILURE = ("drain", "log")
+_RPS_RE = re.compile(r"[0-9a-f]{1,8}(,[0-9a-f]{8}){0,31}")  # the kernel's bitmap format
 _REPORT_KEYS = {"private", "admins"}
 _POOL_KEYS = {"ipv4", "ipv6", "class"}
 
@@ -57,6 +58,11 @@ class Config:
     # After the counters are stored, a failed removal: "drain" (epilog fails, SLURM drains the
     # node) or "log" (logged; the reaper removes the rest later; the node keeps working).
     teardown_failure: str = "drain"
+    # Receive packet steering for job links: "" (the kernel's default: a packet is processed
+    # on the CPU that sent or received it), or a CPU mask in hex ("1", "ff,ffffffff"): best the
+    # CPUs SLURM keeps for the system (CpuSpecList). Set, it becomes net.core.rps_default_mask
+    # of the node and of every job namespace.
+    rps_cpus: str = ""
     report_private: bool = True  # non-admin users see only their own jobs (like PrivateData)
     report_admins: tuple[str, ...] = ()  # user names, or %group, who see every job
     pool_ipv4: ipaddress.IPv4Network = ipaddress.IPv4Network("100.64.0.0/16")
@@ -206,6 +212,14 @@ def parse(data: dict[str, Any]) -> Config:
         if tf not in TEARDOWN_FAILURE:
             raise _err("teardown_failure", f"{tf!r} is not one of {', '.join(TEARDOWN_FAILURE)}")
         kw["teardown_failure"] = tf
+
+    rps = data.get("rps_cpus")
+    if rps is not None:
+        if not isinstance(rps, str):
+            raise _err("rps_cpus", "must be a string")
+        if rps and (not _RPS_RE.fullmatch(rps) or not int(rps.replace(",", ""), 16)):
+            raise _err("rps_cpus", f"{rps!r} is not a non-zero CPU mask in hex (e.g. \"1\" for CPU 0), or \"\"")
+        kw["rps_cpus"] = rps
 
     dns = _str(data, "dns", "dns")
     if dns is not None:

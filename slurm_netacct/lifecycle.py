@@ -140,9 +140,12 @@ def setup_job(cfg: Config, info: store.JobInfo, resolv_conf: Path | None = None)
             undo.append(("lease", lambda: store.release(db, info.node, jid)))
             failpoint("lease")
             addrs = addresses(plan, idx)
-            netns.create(names.netns_path)
+            rps = _rps_mask(cfg)
+            netns.create(names.netns_path, rps)  # its end of the link starts with rps_cpus
             undo.append(("netns", lambda: netns.remove(names.netns_path)))
             failpoint("netns")
+            if rps is not None:  # and so does the node's end
+                netns.set_sysctl("net/core/rps_default_mask", rps)
             undo.append(("link", lambda: netns.delete_link(names.host_if)))
             netns.build_link(names.netns_path, names.host_if, naming.JOB_IFNAME, addrs)
             failpoint("link")
@@ -168,6 +171,16 @@ def setup_job(cfg: Config, info: store.JobInfo, resolv_conf: Path | None = None)
         return names
     finally:
         db.close()
+
+
+def _rps_mask(cfg: Config) -> str | None:
+    """rps_cpus, checked against this node's CPUs (the kernel's own error is EOVERFLOW)."""
+    if not cfg.rps_cpus:
+        return None
+    cpus = os.cpu_count() or 1
+    if int(cfg.rps_cpus.replace(",", ""), 16) >> cpus:
+        raise SetupError(f"rps_cpus {cfg.rps_cpus!r} names CPUs this node does not have (it has {cpus})")
+    return cfg.rps_cpus
 
 
 def ensure_node(cfg: Config, backend: accounting.Backend, plan: NodePlan) -> None:

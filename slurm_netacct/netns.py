@@ -162,11 +162,12 @@ def _share(directory: Path) -> None:
     _shared_dirs.add(directory)
 
 
-def create(path: Path) -> None:
+def create(path: Path, rps_mask: str | None = None) -> None:
     """Create a new network namespace bind-mounted at path (like `ip netns add`).
 
-    The calling thread unshares into the new namespace just long enough to bind-mount it,
-    then returns to where it was: no helper process.
+    The calling thread unshares into the new namespace just long enough to bind-mount it
+    (and, with rps_mask, to set its net.core.rps_default_mask, which links made in it later
+    start with), then returns to where it was: no helper process.
     """
     _share(path.parent)
     try:
@@ -185,6 +186,12 @@ def create(path: Path) -> None:
             err = os.strerror(ctypes.get_errno())
             os.unlink(path)
             raise SetupError(f"cannot create network namespace {path}: mount: {err}")
+        if rps_mask is not None:
+            try:
+                set_sysctl("net/core/rps_default_mask", rps_mask)
+            except SetupError:
+                remove(path)
+                raise
     finally:
         go_home(home)
 

@@ -14,9 +14,10 @@ def test_throughput_bench_runs(tmp_path: Path) -> None:
     need_root()
     out = tmp_path / "r.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--jobs", "3", "--seconds", "1",
-                        "--reps", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
+                        "--reps", "1", "--rps-cpus", "1", "--json", str(out)], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     assert set(data["results"]) == {"nftables", "iptables"}
     for res in data["results"].values():
-        assert res["job0"] > 0 and res["jobN"] > 0
+        assert res["job0"] > 0 and res["jobN"] > 0 and res["job0_rps"] > 0

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import JOB_PREFIX, Node, project_leftovers
-from topology import in_ns
+from slurm_netacct import naming
+from topology import LAN4, PORT, in_ns
 
 
 def _rows(db: Path, sql: str) -> list[tuple]:
@@ -142,6 +143,51 @@ def test_config_errors_exit_3_and_create_nothing(topo, tmp_path: Path, body: str
         if key:
             assert f"config key '{key}'" in lines[0]
     assert not os.path.lexists(node.netns_path(3040))
+    assert project_leftovers(topo) == []
+
+
+def _rps(ns: str, dev: str) -> int:
+    """The RPS CPU mask of dev's receive queue in namespace ns (its own sysfs: ip netns exec)."""
+    r = subprocess.run(["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{dev}/queues/rx-0/rps_cpus"],
+                       capture_output=True, text=True, check=True)
+    return int(r.stdout.strip().replace(",", ""), 16)
+
+
+@pytest.mark.parametrize("setting, daemon", [("1", True), ("3", False), ("", True)])
+def test_rps_cpus_steers_both_ends_of_the_job_link(topo, tmp_path: Path, setting: str,  # type: ignore[no-untyped-def]
+                                                   daemon: bool) -> None:
+    """rps_cpus reaches the receive queues of both ends of a job's veth pair, through the
+    service and without it; unset, the node is left as it was."""
+    node_mask = Path("/proc/sys/net/core/rps_default_mask")
+    before = subprocess.run(["ip", "netns", "exec", topo.node, "cat", str(node_mask)], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert int(before.replace(",", ""), 16) == 0  # the sandbox node starts with the kernel's default
+    node = Node(topo, tmp_path, "nftables", daemon=daemon, rps_cpus=setting)
+    job = 3045
+    want = int(setting or "0", 16)
+    try:
+        node.prolog(job)
+        host_if = naming.host_ifname(node.cfg.ifname_prefix, job)
+        assert _rps(topo.node, host_if) == want
+        assert _rps(naming.netns_name(node.cfg.netns_prefix, job), naming.JOB_IFNAME) == want
+        # Traffic still flows and is counted (the steering changes where, not whether).
+        assert node.traffic(job, "tcp-up", LAN4, str(PORT), "300000").strip() == "300000"
+        assert node.live(job)[("lan", "out")].bytes > 300_000
+        node.epilog(job)
+    finally:
+        node.cleanup()
+        subprocess.run(["ip", "netns", "exec", topo.node, "sh", "-c", f"echo {before} > {node_mask}"], check=True)
+    assert project_leftovers(topo) == []
+
+
+def test_rps_cpus_naming_a_cpu_the_node_lacks_fails_the_prolog_cleanly(topo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    absent = f"{1 << (os.cpu_count() or 1):x}"  # the first CPU past the last one
+    node = Node(topo, tmp_path, "nftables", rps_cpus=absent)
+    r = node.hook("prolog", 3046)
+    assert r.returncode == 7, r.stderr
+    assert r.stderr.strip() == (f"netacct-prolog: job 3046: rps_cpus '{absent}' names CPUs this node does "
+                                f"not have (it has {os.cpu_count()})")
+    assert not os.path.lexists(node.netns_path(3046))
     assert project_leftovers(topo) == []
 
 

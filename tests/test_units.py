@@ -118,12 +118,27 @@ def test_pool_class_defaults_to_lan_and_must_exist(tmp_path: Path) -> None:
     ({"uplink": 5}, "uplink"),
     ({"uplink": "a" * 16}, "uplink"),
     ({"default_class": "Bad Class"}, "default_class"),
+    ({"rps_cpus": "0"}, "rps_cpus"),
+    ({"rps_cpus": "0,00000000"}, "rps_cpus"),
+    ({"rps_cpus": "0x3"}, "rps_cpus"),
+    ({"rps_cpus": "FF"}, "rps_cpus"),
+    ({"rps_cpus": "1,2"}, "rps_cpus"),
+    ({"rps_cpus": "none"}, "rps_cpus"),
+    ({"rps_cpus": "all"}, "rps_cpus"),
+    ({"rps_cpus": 3}, "rps_cpus"),
 ])
 def test_config_errors_name_the_key(data: dict, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         config.parse(data)
     msg = str(info.value)
     assert f"config key '{key}'" in msg and "\n" not in msg
+
+
+def test_rps_cpus_is_a_cpu_mask_or_nothing() -> None:
+    assert config.parse({}).rps_cpus == ""
+    assert config.parse({"rps_cpus": ""}).rps_cpus == ""
+    assert config.parse({"rps_cpus": "1"}).rps_cpus == "1"
+    assert config.parse({"rps_cpus": "ff,ffffffff"}).rps_cpus == "ff,ffffffff"
 
 
 def test_missing_explicit_config_file_is_an_error(tmp_path: Path) -> None:
