@@ -140,14 +140,22 @@ def lease(db: sqlite_utils.Database, node: str, job_id: int, netns: str, first: 
                               (node, job_id)).fetchone()
         if row:
             return int(row[0])
-        taken = db.conn.execute(
-            "SELECT idx FROM leases WHERE node = ? AND idx BETWEEN ? AND ? ORDER BY idx",
-            (node, first, last)).fetchall()
-        idx = first
-        for (t,) in taken:
-            if t != idx:
-                break
-            idx += 1
+        count, low, high = db.conn.execute(
+            "SELECT COUNT(*), MIN(idx), MAX(idx) FROM leases WHERE node = ? AND idx BETWEEN ? AND ?",
+            (node, first, last)).fetchone()
+        if count == 0 or low > first:
+            idx = first
+        elif count == high - first + 1:  # no gap: the next one (one index walk, no rows fetched)
+            idx = high + 1
+        else:  # a gap somewhere: find the lowest
+            taken = db.conn.execute(
+                "SELECT idx FROM leases WHERE node = ? AND idx BETWEEN ? AND ? ORDER BY idx",
+                (node, first, last)).fetchall()
+            idx = first
+            for (t,) in taken:
+                if t != idx:
+                    break
+                idx += 1
         if idx > last:
             raise PoolExhaustedError(f"address pool exhausted: all {last - first + 1} addresses are leased")
         db.conn.execute("INSERT INTO leases (node, idx, job_id, netns, since) VALUES (?, ?, ?, ?, ?)",
@@ -223,7 +231,10 @@ def running_jobs(db: sqlite_utils.Database, node: str | None = None,
                  job_id: int | None = None) -> list[dict[str, Any]]:
     """Rows of the jobs this database believes are running (on `node`, and of `job_id`, if
     given: a prolog or epilog asks about its own job only, whatever else runs on the node)."""
-    sql = "SELECT * FROM jobs WHERE state = 'running'"
+    # With a job id the primary key finds its rows; "+state" keeps SQLite from choosing the
+    # state index instead, which walks every running job of the node (measured: 3x slower
+    # with 1000 running jobs).
+    sql = "SELECT * FROM jobs WHERE " + ("+state" if job_id is not None else "state") + " = 'running'"
     params: tuple[Any, ...] = ()
     if node is not None:
         sql += " AND node = ?"

@@ -205,6 +205,30 @@ def test_leases_reuse_the_lowest_free_index_and_run_out(tmp_path: Path) -> None:
     assert store.lease(db, "n1", 9, "ns9", 2, 4) == 3
 
 
+def test_a_lease_is_always_the_lowest_free_index(tmp_path: Path) -> None:
+    """Random leases and releases against a model: the gapless fast path and the gap walk
+    agree with "lowest free", and a full pool is refused."""
+    import random
+
+    rng = random.Random(6)
+    db = store.connect(tmp_path / "n.db")
+    held: dict[int, int] = {}
+    for step in range(1500):
+        if held and rng.random() < 0.45:
+            job = rng.choice(sorted(held))
+            store.release(db, "n1", job)
+            del held[job]
+            continue
+        free = sorted(set(range(2, 41)) - set(held.values()))
+        if not free:
+            with pytest.raises(PoolExhaustedError):
+                store.lease(db, "n1", 10_000 + step, "ns", 2, 40)
+            continue
+        held[10_000 + step] = store.lease(db, "n1", 10_000 + step, "ns", 2, 40)
+        assert held[10_000 + step] == free[0]
+    assert store.lease(db, "n2", 1, "ns", 2, 40) == 2  # other nodes' leases do not count
+
+
 def test_routed_mode_gives_each_node_its_own_prefix() -> None:
     cfg = config.parse({"mode": "routed", "pool": {"ipv4": "100.64.0.0/16", "ipv6": "fd00:1::/48"},
                         "routed": {"nodes": {"login": 200}}})
