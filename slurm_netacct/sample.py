@@ -85,10 +85,10 @@ def _pass(cfg: Config, node: str, keep: bool) -> SampleResult:
         where: dict[int, tuple[str, Path]] = {}
         for job_id, row in latest.items():
             name = row.get("netns") or lifecycle.JobNames.of(cfg, job_id).netns
-            path = cfg.netns_dir / name  # the name the prolog gave it (%h may differ here)
+            ns_path = cfg.netns_dir / name  # the name the prolog gave it (%h may differ here)
             bname = row["backend"] or "nftables"
-            by_backend.setdefault(bname, []).append(path)
-            where[job_id] = (name, path)
+            by_backend.setdefault(bname, []).append(ns_path)
+            where[job_id] = (name, ns_path)
         prefetched: dict[Path, accounting.Counters | str] = {}
         for bname, paths in by_backend.items():
             backend = _backend(bname)
@@ -103,12 +103,12 @@ def _pass(cfg: Config, node: str, keep: bool) -> SampleResult:
                         prefetched[one] = str(err)
         for job_id, row in latest.items():
             info = _info(row)
-            name, path = where[job_id]
-            got = prefetched[path]
+            name, ns_path = where[job_id]
+            got = prefetched[ns_path]
             if isinstance(got, dict):
                 result.traffic[job_id] = lifecycle.traffic_of(got, cfg)
                 result.jobs[job_id] = info
-            elif not netns.is_netns(path):
+            elif not netns.is_netns(ns_path):
                 log.info("job %d: no namespace %s to sample (the job is ending)", job_id, name)
                 result.skipped_jobs.append(job_id)
             elif not _still_running(db, info):
