@@ -2,10 +2,12 @@
 
 Runs the real `prolog` and `epilog` executables (as slurmd would: no PATH, SLURM env) inside
 the sandbox node (tests/topology.py), through netacct-daemon and without it (the fallback),
-reports medians; then reads every running job's counters with N jobs loaded; and, with
---cycles, runs that many prolog/epilog pairs through the daemon, recording its RSS, open
-descriptors and threads every cycles/10 pairs.
-    .venv/bin/python bench/hooks.py [--jobs 1000] [--runs 50] [--cycles 10000]
+reports medians: 0-job blocks and N-job blocks in turn (N jobs loaded, then unloaded, for
+each of --rounds), each N-job block compared with the 0-job blocks either side; reads every
+running job's counters with N jobs loaded; and, with --cycles, runs that many prolog/epilog
+pairs through the daemon, recording its RSS, open descriptors and threads every cycles/10
+pairs.
+    .venv/bin/python bench/hooks.py [--jobs 1000] [--runs 50] [--rounds 3] [--cycles 10000]
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=1000, help="other jobs on the node for the loaded runs")
     ap.add_argument("--runs", type=int, default=50, help="prolog/epilog pairs per measurement")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="load/unload rounds (each N-job block is compared with the 0-job blocks either side)")
     ap.add_argument("--cycles", type=int, default=0, help="daemon memory run: this many pairs")
     ap.add_argument("--gap", type=float, default=0.0,
                     help="seconds between hooks in the timed runs (0: back to back, the worst case; "
@@ -110,24 +114,53 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="netacct-bench-hooks-"))
     topo = Topology(tag).up()
     b = Bench(topo, work)
-    res: dict[str, float | list[tuple[int, int]]] = {}
+    res: dict[str, float | list[float] | list[tuple[int, int]]] = {}
     try:
         res["fallback_prolog_ms"], res["fallback_epilog_ms"] = b.pairs(1, max(5, args.runs // 5))
         print(f"without daemon, 0 other jobs: prolog {res['fallback_prolog_ms']:.1f} ms, epilog {res['fallback_epilog_ms']:.1f} ms", flush=True)
         b.start_daemon()
         b.pairs(100, 5)  # warm-up
-        res["prolog0_ms"], res["epilog0_ms"] = b.pairs(1000, args.runs, args.gap)
-        print(f"daemon, 0 other jobs: prolog {res['prolog0_ms']:.1f} ms, epilog {res['epilog0_ms']:.1f} ms", flush=True)
-        t0 = time.perf_counter()
-        for j in range(100_000, 100_000 + args.jobs):
-            b.hook("prolog", j)
-        print(f"loaded {args.jobs} jobs in {time.perf_counter() - t0:.1f} s", flush=True)
-        res["prologN_ms"], res["epilogN_ms"] = b.pairs(2000, args.runs, args.gap)
-        print(f"daemon, {args.jobs} other jobs: prolog {res['prologN_ms']:.1f} ms, epilog {res['epilogN_ms']:.1f} ms", flush=True)
-        res["read_all_ms"] = b.read_all_ms()
-        print(f"reading every running job's counters ({args.jobs}): {res['read_all_ms']:.1f} ms", flush=True)
-        for j in range(100_000, 100_000 + args.jobs):
-            b.hook("epilog", j)
+        # Rounds of: 0-job block, load N jobs, N-job block, unload; and a last 0-job block.
+        # Each N-job block is compared with the mean of the 0-job blocks either side of it,
+        # so that the machine's drift during the ~15 s of loading hits both alike.
+        zero: list[tuple[float, float]] = [b.pairs(1000, args.runs, args.gap)]
+        loaded: list[tuple[float, float]] = []
+        reads: list[float] = []
+        for r in range(args.rounds):
+            print(f"round {r + 1}: daemon, 0 other jobs: prolog {zero[-1][0]:.1f} ms, epilog {zero[-1][1]:.1f} ms",
+                  flush=True)
+            t0 = time.perf_counter()
+            for j in range(100_000, 100_000 + args.jobs):
+                b.hook("prolog", j)
+            print(f"round {r + 1}: loaded {args.jobs} jobs in {time.perf_counter() - t0:.1f} s", flush=True)
+            loaded.append(b.pairs(2000 + 100 * r, args.runs, args.gap))
+            print(f"round {r + 1}: daemon, {args.jobs} other jobs: prolog {loaded[-1][0]:.1f} ms, "
+                  f"epilog {loaded[-1][1]:.1f} ms", flush=True)
+            reads.append(b.read_all_ms())
+            print(f"round {r + 1}: reading every running job's counters ({args.jobs}): {reads[-1]:.1f} ms", flush=True)
+            for j in range(100_000, 100_000 + args.jobs):
+                b.hook("epilog", j)
+            zero.append(b.pairs(3000 + 100 * r, args.runs, args.gap))
+        print(f"after the last round: daemon, 0 other jobs: prolog {zero[-1][0]:.1f} ms, epilog {zero[-1][1]:.1f} ms",
+              flush=True)
+        ratios = [(n[0] / ((a[0] + z[0]) / 2), n[1] / ((a[1] + z[1]) / 2))
+                  for n, a, z in zip(loaded, zero, zero[1:])]
+        res["prolog0_ms"] = statistics.median(z[0] for z in zero)
+        res["epilog0_ms"] = statistics.median(z[1] for z in zero)
+        res["prologN_ms"] = statistics.median(n[0] for n in loaded)
+        res["epilogN_ms"] = statistics.median(n[1] for n in loaded)
+        res["prolog_ratios"] = [round(x[0], 3) for x in ratios]
+        res["epilog_ratios"] = [round(x[1], 3) for x in ratios]
+        res["read_all_ms"] = statistics.median(reads)
+        print(f"daemon, 0 other jobs (median of {len(zero)} blocks): prolog {res['prolog0_ms']:.1f} ms, "
+              f"epilog {res['epilog0_ms']:.1f} ms", flush=True)
+        print(f"daemon, {args.jobs} other jobs (median of {len(loaded)} blocks): prolog {res['prologN_ms']:.1f} ms, "
+              f"epilog {res['epilogN_ms']:.1f} ms", flush=True)
+        print(f"{args.jobs}-job block ÷ mean of the 0-job blocks either side, per round: prolog "
+              f"{', '.join(f'{x:.2f}' for x in res['prolog_ratios'])}; epilog "
+              f"{', '.join(f'{x:.2f}' for x in res['epilog_ratios'])}", flush=True)
+        print(f"reading every running job's counters ({args.jobs}, median of {len(reads)}): "
+              f"{res['read_all_ms']:.1f} ms", flush=True)
         if args.cycles and b.daemon is not None:
             samples: list[tuple[int, int, int, int]] = [(0, *usage(b.daemon.pid))]
             print(f"  after 0 jobs: daemon RSS {samples[-1][1]} KiB, {samples[-1][2]} fds, "
@@ -144,6 +177,9 @@ def main() -> int:
     finally:
         b.stop_daemon()
         topo.down()
+        # Job namespaces a failed run left behind (their links went with the node): this run's only.
+        for left in Path("/run/netns").glob(f"{tag}*"):
+            subprocess.run(["ip", "netns", "del", left.name], check=False)
         shutil.rmtree(work, ignore_errors=True)  # config, node database, log, socket
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))

@@ -107,6 +107,9 @@ def main() -> int:
         server.terminate()
         server.wait(timeout=10)
         topo.down()
+        # Job namespaces a failed run left behind (their links went with the node): this run's only.
+        for left in Path("/run/netns").glob(f"{tag}*"):
+            subprocess.run(["ip", "netns", "del", left.name], check=False)
         shutil.rmtree(work, ignore_errors=True)  # configs, logs and databases of this run
     n = args.jobs
     print()

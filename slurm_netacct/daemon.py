@@ -60,6 +60,28 @@ def pin_malloc_thresholds(nbytes: int = MALLOC_THRESHOLD) -> bool:
 
 ACCEPT_POLL = 1.0  # seconds: how often the accept loop checks for a stop request
 
+
+class _Once:
+    """A deferred piece of work that runs exactly once, whoever asks first: the "later"
+    thread in its turn, or a prolog of the same job that must not start before it."""
+
+    def __init__(self, fn: Callable[[], object], cleanup: Callable[[], object]) -> None:
+        self.fn = fn
+        self.cleanup = cleanup
+        self.lock = threading.Lock()
+        self.done = False
+
+    def run(self) -> None:
+        with self.lock:
+            if self.done:
+                return
+            self.done = True
+            try:
+                self.fn()
+            finally:
+                self.cleanup()
+
+
 class Daemon:
     """Accepts hook requests; `workers` jobs are worked on at once."""
 
@@ -80,6 +102,11 @@ class Daemon:
         self.count_lock = threading.Lock()
         self.conns: queue.Queue[socket.socket | None] = queue.Queue()
         self.later: queue.Queue[Callable[[], object] | None] = queue.Queue()
+        # Deferred teardowns not yet done, by (node namespace inode, job id): a prolog of the
+        # same job on the same node runs them first (the job was requeued onto this node, or
+        # its id came round again), so that they cannot remove what the new run has made.
+        self.pending: dict[tuple[int, str], list[_Once]] = {}
+        self.pending_lock = threading.Lock()
         self.stopping = threading.Event()
         self.sock: socket.socket | None = None
         # Load what the first request would otherwise pay for.
@@ -187,8 +214,11 @@ class Daemon:
                 conn.sendall(f"{TEMPFAIL} the service runs with config {self.cfg_path}\n".encode())
                 return
             resolv = Path(f"/proc/self/fd/{fds[1]}") if len(fds) > 1 else None
+            key = (os.fstat(fds[0]).st_ino, env.get("SLURM_JOB_ID", ""))
+            if op == "prolog":
+                self._finish_pending(key)
             rc, msg = self._in_namespace(fds[0], lambda: hooks.run_hook(
-                op, env, self.cfg, self.log, resolv_conf=resolv, defer=self._defer_in(fds[0])))
+                op, env, self.cfg, self.log, resolv_conf=resolv, defer=self._defer_in(fds[0], key)))
             conn.sendall(f"{rc} {msg}\n".encode())
             if self.max_jobs:
                 with self.count_lock:
@@ -203,18 +233,36 @@ class Daemon:
             for fd in fds:
                 os.close(fd)
 
-    def _defer_in(self, ns_fd: int) -> Callable[[Callable[[], object]], None]:
-        """Run fn later, in the requester's network namespace."""
+    def _defer_in(self, ns_fd: int, key: tuple[int, str]) -> Callable[[Callable[[], object]], None]:
+        """Run fn later, in the requester's network namespace (or sooner: _finish_pending)."""
         def defer(fn: Callable[[], object]) -> None:
             keep = os.dup(ns_fd)  # the request's own descriptor is closed when it is answered
+            task = _Once(lambda: self._in_namespace(keep, fn), lambda: os.close(keep))
+            with self.pending_lock:
+                self.pending.setdefault(key, []).append(task)
 
             def later() -> None:
                 try:
-                    self._in_namespace(keep, fn)
+                    task.run()
                 finally:
-                    os.close(keep)
+                    with self.pending_lock:
+                        tasks = self.pending.get(key, [])
+                        if task in tasks:
+                            tasks.remove(task)
+                        if not tasks:
+                            self.pending.pop(key, None)
             self.later.put(later)
         return defer
+
+    def _finish_pending(self, key: tuple[int, str]) -> None:
+        """Do now what an earlier epilog of this job on this node left for later."""
+        with self.pending_lock:
+            tasks = list(self.pending.get(key, []))
+        for task in tasks:
+            try:
+                task.run()
+            except Exception:  # logged; the prolog removes any leftover of an earlier run itself
+                self.log.exception("job %s: the teardown of its earlier run failed", key[1])
 
     def _in_namespace(self, ns_fd: int, fn: Callable[[], object]) -> object:
         """fn() with this thread in the namespace of ns_fd, then back."""

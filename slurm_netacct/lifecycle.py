@@ -371,9 +371,16 @@ def teardown(cfg: Config, info: store.JobInfo,
                       "netacct-reconcile (teardown_failure = \"log\")", jid, exc)
             return Teardown(state, spooled, db_error)
 
+        # Deferred, the link is deleted by its index: a later run of the job may meanwhile
+        # have made a link of the same name (the service runs this first for a new prolog of
+        # the job, so this is a second line of defence).
+        host_index = netns.link_index(names.host_if) if defer is not None else None
+
         def finish() -> None:
             """Delete the link, then free the job's address (not before: its routes go with it)."""
-            if netns.delete_link(names.host_if):
+            if defer is not None and host_index is None:
+                pass  # there was no link
+            elif netns.delete_link(names.host_if, host_index):
                 log.info("job %d: link %s removed", jid, names.host_if)
             try:
                 fdb = store.connect(db_path)

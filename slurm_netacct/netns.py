@@ -243,18 +243,25 @@ def default_uplink() -> str | None:
 def build_link(netns_path: Path, host_if: str, job_if: str, addrs: JobAddresses) -> None:
     """Make the veth pair host_if <-> job_if (inside the namespace), addresses and routes."""
     gw4 = str(addrs.gateway4)
+    step = "veth pair"  # what was being done, for the error message
     try:
         with _ipr() as ipr:
             ipr.link("add", ifname=host_if, kind="veth",
                      peer={"ifname": job_if, "net_ns_fd": str(netns_path)})
             idx = ipr.link_lookup(ifname=host_if)[0]
+            step = f"address {gw4}"
             ipr.addr("add", index=idx, address=gw4, prefixlen=32)
             if addrs.ipv6 is not None:
+                step = f"address {GATEWAY_V6}"
                 ipr.addr("add", index=idx, address=GATEWAY_V6, prefixlen=64, flags=IFA_F_NODAD)
+            step = "link up"
             ipr.link("set", index=idx, state="up")
+            step = f"route to {addrs.ipv4}"
             ipr.route("add", dst=f"{addrs.ipv4}/32", oif=idx)
             if addrs.ipv6 is not None:
+                step = f"route to {addrs.ipv6}"
                 ipr.route("add", dst=f"{addrs.ipv6}/128", oif=idx, family=10)
+        step = "the job's side"
         with _ipr(netns_path) as jpr:
             lo = jpr.link_lookup(ifname="lo")[0]
             jpr.link("set", index=lo, state="up")
@@ -270,15 +277,18 @@ def build_link(netns_path: Path, host_if: str, job_if: str, addrs: JobAddresses)
     except SetupError:
         raise
     except Exception as exc:  # pyroute2 raises NetlinkError and plain OSErrors
-        raise SetupError(f"link setup for {host_if}: {exc}") from None
+        raise SetupError(f"link setup for {host_if} ({step}): {exc}") from None
 
 
-def delete_link(name: str) -> bool:
-    """Delete a link (and so its veth peer and routes) from the current namespace."""
+def delete_link(name: str, index: int | None = None) -> bool:
+    """Delete a link (and so its veth peer and routes) from the current namespace.
+
+    With `index`, only the link that had that index (indices are not reused soon): a link of
+    the same name made since, by a later run of the job, is left alone."""
     from pyroute2.netlink.exceptions import NetlinkError
 
     with _ipr() as ipr:
-        found = ipr.link_lookup(ifname=name)
+        found = [index] if index is not None else ipr.link_lookup(ifname=name)
         if not found:
             return False
         try:

@@ -21,3 +21,14 @@ def test_throughput_bench_runs(tmp_path: Path) -> None:
     assert set(data["results"]) == {"nftables", "iptables"}
     for res in data["results"].values():
         assert res["job0"] > 0 and res["jobN"] > 0 and res["job0_rps"] > 0
+
+
+def test_hooks_bench_runs(tmp_path: Path) -> None:
+    need_root()
+    out = tmp_path / "h.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "hooks.py"), "--jobs", "3", "--runs", "2",
+                        "--rounds", "2", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert len(data["prolog_ratios"]) == len(data["epilog_ratios"]) == 2
+    assert data["prolog0_ms"] > 0 and data["prologN_ms"] > 0 and data["read_all_ms"] > 0

@@ -41,6 +41,33 @@ def test_hooks_go_through_the_daemon(dnode: Node) -> None:
         assert conn.execute("SELECT * FROM leases").fetchall() == []
 
 
+def test_a_job_run_again_right_after_its_epilog_keeps_its_link_and_address(dnode: Node) -> None:
+    """The service deletes a link and frees its address after answering the epilog; a
+    prolog of the same job on the node (a requeue) must not lose its new link or share its
+    address to that late work (it used to: the late work deleted the new link by name and
+    freed the lease the new run had taken over)."""
+    jobs = list(range(7101, 7111))
+    for job in jobs:
+        dnode.prolog(job)
+    for job in jobs:  # answered at once; ~15-40 ms of link deletion each is left queued
+        r = dnode.hook("epilog", job)
+        assert r.returncode == 0, r.stderr
+    again = jobs[-1]
+    dnode.prolog(again)  # its earlier run's removal is still at the end of the queue
+    dnode.settle()  # all the queued removals have run
+    assert dnode.traffic(again, "tcp-up", WAN4, str(PORT), "100000").strip() == "100000"
+    other = 7120
+    dnode.prolog(other)
+    with sqlite3.connect(dnode.db) as conn:
+        leases = dict(conn.execute("SELECT job_id, idx FROM leases").fetchall())
+    assert set(leases) == {again, other} and leases[again] != leases[other]
+    assert dnode.traffic(other, "tcp-up", WAN4, str(PORT), "100000").strip() == "100000"
+    dnode.epilog(again)
+    dnode.epilog(other)
+    [rec] = dnode.report("-j", str(again))
+    assert rec["state"] == "completed" and rec["traffic"]["wan"]["out_bytes"] > 100_000
+
+
 def test_without_the_daemon_the_hooks_do_the_work(dnode: Node) -> None:
     dnode.stop_daemon()
     dnode.prolog(7002)
