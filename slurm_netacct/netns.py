@@ -20,6 +20,7 @@ from .errors import NoNamespaceError, SetupError
 
 CLONE_NEWNET = 0x40000000
 IFA_F_NODAD = 0x02
+ADDR_GEN_MODE_NONE = "1"  # net.ipv6.conf.*.addr_gen_mode: no automatic link-local address
 GATEWAY_V6 = "fe80::1"  # the node-side address on every job link (link-local, same on all)
 T = TypeVar("T")
 
@@ -186,12 +187,17 @@ def create(path: Path, rps_mask: str | None = None) -> None:
             err = os.strerror(ctypes.get_errno())
             os.unlink(path)
             raise SetupError(f"cannot create network namespace {path}: mount: {err}")
-        if rps_mask is not None:
-            try:
+        try:
+            # Links made here get no automatic IPv6 link-local address: no duplicate address
+            # detection, router solicitations and their timers for each job (the job side
+            # does not need one: the node's side is fe80::1, and NDP works from the job's
+            # own address). With rps_cpus, they also start with that mask.
+            set_sysctl("net/ipv6/conf/default/addr_gen_mode", ADDR_GEN_MODE_NONE, missing_ok=True)
+            if rps_mask is not None:
                 set_sysctl("net/core/rps_default_mask", rps_mask)
-            except SetupError:
-                remove(path)
-                raise
+        except SetupError:
+            remove(path)
+            raise
     finally:
         go_home(home)
 
@@ -249,6 +255,8 @@ def build_link(netns_path: Path, host_if: str, job_if: str, addrs: JobAddresses)
             ipr.link("add", ifname=host_if, kind="veth",
                      peer={"ifname": job_if, "net_ns_fd": str(netns_path)})
             idx = ipr.link_lookup(ifname=host_if)[0]
+            step = "addr_gen_mode"  # as on the job's side (create): before the link is up
+            set_sysctl(f"net/ipv6/conf/{host_if}/addr_gen_mode", ADDR_GEN_MODE_NONE, missing_ok=True)
             step = f"address {gw4}"
             ipr.addr("add", index=idx, address=gw4, prefixlen=32)
             if addrs.ipv6 is not None:
@@ -338,11 +346,16 @@ def list_links() -> list[str]:
         return [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
 
 
-def set_sysctl(name: str, value: str) -> None:
-    """Write a sysctl of the current network namespace, e.g. net/ipv4/ip_forward."""
+def set_sysctl(name: str, value: str, missing_ok: bool = False) -> None:
+    """Write a sysctl of the current network namespace, e.g. net/ipv4/ip_forward.
+
+    missing_ok: a sysctl this kernel does not have (IPv6 disabled at boot) is no error."""
     path = Path("/proc/sys") / name
     try:
         if path.read_text().strip() != value:
             path.write_text(value)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise SetupError(f"sysctl {name}={value}: no such setting") from None
     except OSError as exc:
         raise SetupError(f"sysctl {name}={value}: {exc.strerror}") from None

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import JOB_PREFIX, Node, project_leftovers
 from slurm_netacct import naming
-from topology import LAN4, PORT, in_ns
+from topology import LAN4, PORT, WAN6, in_ns
 
 
 def _rows(db: Path, sql: str) -> list[tuple]:
@@ -178,6 +178,24 @@ def test_rps_cpus_steers_both_ends_of_the_job_link(topo, tmp_path: Path, setting
         node.cleanup()
         subprocess.run(["ip", "netns", "exec", topo.node, "sh", "-c", f"echo {before} > {node_mask}"], check=True)
     assert project_leftovers(topo) == []
+
+
+def test_job_links_have_no_automatic_link_local_address_and_ipv6_works(nft_node: Node) -> None:
+    """Neither end of a job's veth makes itself an IPv6 link-local address (no DAD, router
+    solicitations or their timers per job): the node's end has only fe80::1, the job's end
+    only its own address, and IPv6 to the WAN still works and is counted."""
+    job = 3047
+    nft_node.prolog(job)
+    host_if = naming.host_ifname(nft_node.cfg.ifname_prefix, job)
+    node_addrs = in_ns(nft_node.topo.node, "ip", "-6", "-o", "addr", "show", "dev", host_if).stdout
+    assert [line.split()[3] for line in node_addrs.splitlines()] == ["fe80::1/64"]
+    job_ns = naming.netns_name(nft_node.cfg.netns_prefix, job)
+    job_addrs = in_ns(job_ns, "ip", "-6", "-o", "addr", "show", "dev", naming.JOB_IFNAME).stdout
+    [only] = [line.split()[3] for line in job_addrs.splitlines()]
+    assert only.endswith("/128") and not only.startswith("fe80")
+    assert nft_node.traffic(job, "tcp-up", WAN6, str(PORT), "200000").strip() == "200000"
+    assert nft_node.live(job)[("wan", "out")].bytes > 200_000
+    nft_node.epilog(job)
 
 
 def test_rps_cpus_naming_a_cpu_the_node_lacks_fails_the_prolog_cleanly(topo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
