@@ -47,24 +47,6 @@ _NLMSG = struct.Struct("=IHHII")
 _U64 = struct.Struct("!Q")
 
 
-def _open_in(path: Path) -> socket.socket:
-    """A netlink socket that belongs to the namespace at path; the caller stays where it is.
-
-    (Not netns.entered: that stats the path first; here a missing namespace is simply the
-    OSError of the open, which read_table turns into FileNotFoundError.)"""
-    home = home_fd()
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(errno.EINVAL, f"setns {path}")
-        try:
-            return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        finally:
-            go_home(home)
-    finally:
-        os.close(fd)
-
-
 def _open_many(paths: Sequence[Path]) -> list[socket.socket | OSError]:
     """A netlink socket in each namespace (or why there is none), opened on one visit each.
 
@@ -160,8 +142,9 @@ BATCH = 128  # sockets open at once: far below the 1024 descriptors a service ma
 
 
 def read_tables(paths: Sequence[Path], table: str) -> list[Found | OSError | SetupError]:
-    """read_table for many namespaces: for each path, its counters or the OSError that stopped
-    reading them (FileNotFoundError: no namespace there; SetupError: cannot join it)."""
+    """For each path, {counter name: (packets, bytes)} of table `inet <table>` in the namespace
+    there, or the error that stopped reading them (FileNotFoundError: no namespace there;
+    SetupError: cannot join it; OSError: netlink refused)."""
     request = _request(table, 1)
     out: list[Found | OSError | SetupError] = []
     for first in range(0, len(paths), BATCH):
@@ -184,21 +167,13 @@ def read_tables(paths: Sequence[Path], table: str) -> list[Found | OSError | Set
     return out
 
 
-def read_table(path: Path, table: str) -> Found:
-    """{counter name: (packets, bytes)} of table `inet <table>` in the namespace at path."""
-    (got,) = read_tables([path], table)
-    if isinstance(got, (OSError, SetupError)):
-        raise got
-    return got
-
-
 NFT_MSG_GETTABLE = 1
 NFTA_TABLE_NAME = 1
 
 
-def table_exists(table: str, path: Path | None = None) -> bool:
-    """True if table `inet <table>` exists here (or in the namespace at path)."""
-    sock = _open_in(path) if path is not None else socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+def table_exists(table: str) -> bool:
+    """True if table `inet <table>` exists in the current namespace."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     try:
         sock.bind((0, 0))
         body = struct.pack("=BBH", NFPROTO_INET, 0, 0) + _attr(NFTA_TABLE_NAME, table.encode() + b"\0")
