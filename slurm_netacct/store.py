@@ -356,13 +356,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(dfd)
 
 
-def spool_pending(spool_dir: Path, node: str) -> list[Path]:
-    """The node's spooled records waiting to be stored, oldest key first; [] if none or unreadable."""
-    token = _spool_token(node)
+def _spool_names(spool_dir: Path) -> list[str]:
+    """The names in the spool directory; [] if there is none or it cannot be read."""
     try:
-        names = os.listdir(spool_dir)
+        return os.listdir(spool_dir)
     except OSError:
         return []
+
+
+def spool_pending(spool_dir: Path, node: str, names: list[str] | None = None) -> list[Path]:
+    """The node's spooled records waiting to be stored, oldest key first; [] if none or unreadable.
+    `names`: the directory's listing, if the caller has it already."""
+    token = _spool_token(node)
+    if names is None:
+        names = _spool_names(spool_dir)
     out = []
     for name in names:
         parts = name.rsplit(".", 3)
@@ -404,7 +411,8 @@ def replay_spool(db: sqlite_utils.Database, spool_dir: Path, node: str) -> int:
     StoreError if the database cannot be written (the files stay for the next attempt)."""
     log = get_log()
     stored = 0
-    pending = spool_pending(spool_dir, node)
+    names = _spool_names(spool_dir)  # one listing for the records and the stale temp files
+    pending = spool_pending(spool_dir, node, names)
     if pending:
         try:
             st = os.stat(spool_dir)
@@ -445,18 +453,14 @@ def replay_spool(db: sqlite_utils.Database, spool_dir: Path, node: str) -> int:
                         info.job_id, path, rec["state"])
         else:
             log.info("job %d: spooled record %s not needed (the run is not running here)", info.job_id, path)
-    _remove_stale_temps(spool_dir)
+    _remove_stale_temps(spool_dir, names)
     return stored
 
 
-def _remove_stale_temps(spool_dir: Path) -> None:
+def _remove_stale_temps(spool_dir: Path, names: list[str]) -> None:
     """Temp files of spool writes that a crash interrupted (their epilog runs again)."""
-    try:
-        names = [n for n in os.listdir(spool_dir) if n.startswith(".tmp-") and n.endswith(".part")]
-    except OSError:
-        return
     now = time.time()
-    for name in names:
+    for name in (n for n in names if n.startswith(".tmp-") and n.endswith(".part")):
         try:
             if now - os.stat(spool_dir / name).st_mtime > _STALE_TMP_S:
                 os.unlink(spool_dir / name)

@@ -229,6 +229,25 @@ def test_a_lease_is_always_the_lowest_free_index(tmp_path: Path) -> None:
     assert store.lease(db, "n2", 1, "ns", 2, 40) == 2  # other nodes' leases do not count
 
 
+def test_spool_replay_stores_records_and_removes_only_stale_temp_files(tmp_path: Path) -> None:
+    import os
+    import time
+
+    spool = tmp_path / "spool"
+    info = store.JobInfo(job_id=41, node="n1", user="alice")
+    traffic = {"wan": {"in_bytes": 7, "out_bytes": 9, "in_packets": 1, "out_packets": 2}}
+    spooled = store.spool_write(spool, store.spool_record(info, "completed", traffic, None, False,
+                                                          tmp_path / "n.db", "disk full"))
+    old, new = spool / ".tmp-old.part", spool / ".tmp-new.part"  # a crashed write, and one under way
+    old.write_text("")
+    new.write_text("")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    db = store.connect(tmp_path / "n.db")
+    assert store.replay_spool(db, spool, "n1") == 1
+    assert not spooled.exists() and not old.exists() and new.exists()
+    assert db.conn.execute("SELECT out_bytes FROM traffic WHERE job_id = 41").fetchall() == [(9,)]
+
+
 def test_routed_mode_gives_each_node_its_own_prefix() -> None:
     cfg = config.parse({"mode": "routed", "pool": {"ipv4": "100.64.0.0/16", "ipv6": "fd00:1::/48"},
                         "routed": {"nodes": {"login": 200}}})
