@@ -123,7 +123,8 @@ def main() -> int:
         # Rounds of: 0-job block, load N jobs, N-job block, unload; and a last 0-job block.
         # Each N-job block is compared with the mean of the 0-job blocks either side of it,
         # so that the machine's drift during the ~15 s of loading hits both alike.
-        zero: list[tuple[float, float]] = [b.pairs(1000, args.runs, args.gap)]
+        first = iter(range(1000, 100_000, args.runs))  # each timed block's own job ids
+        zero: list[tuple[float, float]] = [b.pairs(next(first), args.runs, args.gap)]
         loaded: list[tuple[float, float]] = []
         reads: list[float] = []
         for r in range(args.rounds):
@@ -133,14 +134,14 @@ def main() -> int:
             for j in range(100_000, 100_000 + args.jobs):
                 b.hook("prolog", j)
             print(f"round {r + 1}: loaded {args.jobs} jobs in {time.perf_counter() - t0:.1f} s", flush=True)
-            loaded.append(b.pairs(2000 + 100 * r, args.runs, args.gap))
+            loaded.append(b.pairs(next(first), args.runs, args.gap))
             print(f"round {r + 1}: daemon, {args.jobs} other jobs: prolog {loaded[-1][0]:.1f} ms, "
                   f"epilog {loaded[-1][1]:.1f} ms", flush=True)
             reads.append(b.read_all_ms())
             print(f"round {r + 1}: reading every running job's counters ({args.jobs}): {reads[-1]:.1f} ms", flush=True)
             for j in range(100_000, 100_000 + args.jobs):
                 b.hook("epilog", j)
-            zero.append(b.pairs(3000 + 100 * r, args.runs, args.gap))
+            zero.append(b.pairs(next(first), args.runs, args.gap))
         print(f"after the last round: daemon, 0 other jobs: prolog {zero[-1][0]:.1f} ms, epilog {zero[-1][1]:.1f} ms",
               flush=True)
         ratios = [(n[0] / ((a[0] + z[0]) / 2), n[1] / ((a[1] + z[1]) / 2))

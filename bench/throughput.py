@@ -66,7 +66,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=3, help="length of one iperf3 run (whole seconds, >= 1)")
     ap.add_argument("--reps", type=int, default=5, help="runs per point (median reported)")
     ap.add_argument("--rps-cpus", default="",
-                    help="also measure a job set up with this rps_cpus setting (e.g. all), alternating")
+                    help="also measure a job set up with this rps_cpus setting (a hex CPU mask, e.g. 1), alternating")
     ap.add_argument("--download", action="store_true",
                     help="the LAN server sends and the job (or the bare node) receives (iperf3 -R)")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -132,7 +132,10 @@ def run_backend(cfg: config.Config, cfg_path: Path, args: argparse.Namespace) ->
     all counters, unload, job/0 again; tear all down."""
     measured = 1
     lifecycle.setup_job(cfg, store.JobInfo(job_id=measured, node="bench"))
-    job_prefix = [str(ROOT / ".venv/bin/netacct-exec"), "--job", str(measured), "--"]
+    def in_job(job: int) -> list[str]:
+        return [str(ROOT / ".venv/bin/netacct-exec"), "--job", str(job), "--"]
+
+    job_prefix = in_job(measured)
     os.environ["NETACCT_CONFIG"] = str(cfg_path)
     prefixes = [[], job_prefix]  # this process is in the node: [] is the bare node
     rps_job, mask_file = 2, Path("/proc/sys/net/core/rps_default_mask")
@@ -140,7 +143,7 @@ def run_backend(cfg: config.Config, cfg_path: Path, args: argparse.Namespace) ->
     if args.rps_cpus:  # the same job again, its link made with rps_cpus (it only acts on new links)
         lifecycle.setup_job(dataclasses.replace(cfg, rps_cpus=args.rps_cpus),
                             store.JobInfo(job_id=rps_job, node="bench"))
-        prefixes.append([str(ROOT / ".venv/bin/netacct-exec"), "--job", str(rps_job), "--"])
+        prefixes.append(in_job(rps_job))
     bare, job0, *rps = alternating(prefixes, args.seconds, args.reps)
     print(f"{cfg.firewall}: bare {bare / 1e9:.2f} Gbit/s, job/0 {job0 / 1e9:.2f} Gbit/s"
           + (f", job/0 with rps_cpus={args.rps_cpus} {rps[0] / 1e9:.2f} Gbit/s" if rps else "")
