@@ -17,8 +17,6 @@ from .errors import NetacctError, UsageError
 from .log import setup as setup_log
 
 
-
-
 # --------------------------------------------------------------------------- netacct-sample
 
 def sample_parser() -> argparse.ArgumentParser:

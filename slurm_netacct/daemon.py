@@ -57,7 +57,6 @@ def pin_malloc_thresholds(nbytes: int = MALLOC_THRESHOLD) -> bool:
     return mallopt(M_MMAP_THRESHOLD, nbytes) == 1 and mallopt(M_TRIM_THRESHOLD, nbytes) == 1
 
 
-
 ACCEPT_POLL = 1.0  # seconds: how often the accept loop checks for a stop request
 
 
