@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,15 @@ class Bench:
             self.daemon.wait(timeout=120)
             self.daemon = None
 
+    def settle(self) -> None:
+        """Wait until the service has done its deferred work (deleting links, freeing addresses)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.settimeout(300)
+            c.connect(str(self.sock))
+            c.sendall(b"netacct/1\0flush\0\0")
+            if not c.recv(64).startswith(b"0"):
+                raise SystemExit("netacct-daemon: flush failed")
+
     def hook(self, which: str, job: int) -> float:
         env = {"NETACCT_CONFIG": str(self.cfg), "NETACCT_SOCKET": str(self.sock), "SLURM_JOB_ID": str(job),
                "SLURMD_NODENAME": "n1", "SLURM_JOB_USER": "bench", "SLURM_JOB_UID": "1000"}
@@ -75,15 +85,26 @@ class Bench:
             raise SystemExit(f"{which} {job}: {r.stderr}")
         return dt
 
-    def pairs(self, first: int, n: int, gap: float = 0.0) -> tuple[float, float]:
+    def block(self, first: int, n: int, gap: float, pool: tuple[list[float], list[float]]) -> tuple[float, float]:
+        """A timed block: pairs(), once the service has done the deferred work (link deletions)
+        of the hooks before it, so that one block's leftovers are not timed in the next. Every
+        prolog and epilog time (ms) is also added to pool."""
+        self.settle()
+        return self.pairs(first, n, gap, pool)
+
+    def pairs(self, first: int, n: int, gap: float = 0.0,
+              pool: tuple[list[float], list[float]] | None = None) -> tuple[float, float]:
         """Medians (ms) of n prolog/epilog pairs; `gap` seconds of quiet before each hook."""
         pro, epi = [], []
         for j in range(first, first + n):
             time.sleep(gap)
-            pro.append(self.hook("prolog", j))
+            pro.append(self.hook("prolog", j) * 1e3)
             time.sleep(gap)
-            epi.append(self.hook("epilog", j))
-        return statistics.median(pro) * 1e3, statistics.median(epi) * 1e3
+            epi.append(self.hook("epilog", j) * 1e3)
+        if pool is not None:
+            pool[0].extend(pro)
+            pool[1].extend(epi)
+        return statistics.median(pro), statistics.median(epi)
 
     def read_all_ms(self) -> float:
         code = ("import sys, time, statistics; from pathlib import Path; "
@@ -124,7 +145,9 @@ def main() -> int:
         # Each N-job block is compared with the mean of the 0-job blocks either side of it,
         # so that the machine's drift during the ~15 s of loading hits both alike.
         first = iter(range(1000, 100_000, args.runs))  # each timed block's own job ids
-        zero: list[tuple[float, float]] = [b.pairs(next(first), args.runs, args.gap)]
+        pool0: tuple[list[float], list[float]] = ([], [])  # every prolog and epilog time, 0 jobs
+        poolN: tuple[list[float], list[float]] = ([], [])  # and N jobs
+        zero: list[tuple[float, float]] = [b.block(next(first), args.runs, args.gap, pool0)]
         loaded: list[tuple[float, float]] = []
         reads: list[float] = []
         for r in range(args.rounds):
@@ -134,29 +157,30 @@ def main() -> int:
             for j in range(100_000, 100_000 + args.jobs):
                 b.hook("prolog", j)
             print(f"round {r + 1}: loaded {args.jobs} jobs in {time.perf_counter() - t0:.1f} s", flush=True)
-            loaded.append(b.pairs(next(first), args.runs, args.gap))
+            loaded.append(b.block(next(first), args.runs, args.gap, poolN))
             print(f"round {r + 1}: daemon, {args.jobs} other jobs: prolog {loaded[-1][0]:.1f} ms, "
                   f"epilog {loaded[-1][1]:.1f} ms", flush=True)
             reads.append(b.read_all_ms())
             print(f"round {r + 1}: reading every running job's counters ({args.jobs}): {reads[-1]:.1f} ms", flush=True)
             for j in range(100_000, 100_000 + args.jobs):
                 b.hook("epilog", j)
-            zero.append(b.pairs(next(first), args.runs, args.gap))
+            zero.append(b.block(next(first), args.runs, args.gap, pool0))
         print(f"after the last round: daemon, 0 other jobs: prolog {zero[-1][0]:.1f} ms, epilog {zero[-1][1]:.1f} ms",
               flush=True)
         ratios = [(n[0] / ((a[0] + z[0]) / 2), n[1] / ((a[1] + z[1]) / 2))
                   for n, a, z in zip(loaded, zero, zero[1:])]
-        res["prolog0_ms"] = statistics.median(z[0] for z in zero)
-        res["epilog0_ms"] = statistics.median(z[1] for z in zero)
-        res["prologN_ms"] = statistics.median(n[0] for n in loaded)
-        res["epilogN_ms"] = statistics.median(n[1] for n in loaded)
+        res["prolog0_ms"] = statistics.median(pool0[0])
+        res["epilog0_ms"] = statistics.median(pool0[1])
+        res["prologN_ms"] = statistics.median(poolN[0])
+        res["epilogN_ms"] = statistics.median(poolN[1])
         res["prolog_ratios"] = [round(x[0], 3) for x in ratios]
         res["epilog_ratios"] = [round(x[1], 3) for x in ratios]
         res["read_all_ms"] = statistics.median(reads)
-        print(f"daemon, 0 other jobs (median of {len(zero)} blocks): prolog {res['prolog0_ms']:.1f} ms, "
+        print(f"daemon, 0 other jobs (median of all {len(pool0[0])} pairs): prolog {res['prolog0_ms']:.1f} ms, "
               f"epilog {res['epilog0_ms']:.1f} ms", flush=True)
-        print(f"daemon, {args.jobs} other jobs (median of {len(loaded)} blocks): prolog {res['prologN_ms']:.1f} ms, "
-              f"epilog {res['epilogN_ms']:.1f} ms", flush=True)
+        print(f"daemon, {args.jobs} other jobs (median of all {len(poolN[0])} pairs): prolog "
+              f"{res['prologN_ms']:.1f} ms ({res['prologN_ms'] / res['prolog0_ms']:.2f}×), "
+              f"epilog {res['epilogN_ms']:.1f} ms ({res['epilogN_ms'] / res['epilog0_ms']:.2f}×)", flush=True)
         print(f"{args.jobs}-job block ÷ mean of the 0-job blocks either side, per round: prolog "
               f"{', '.join(f'{x:.2f}' for x in res['prolog_ratios'])}; epilog "
               f"{', '.join(f'{x:.2f}' for x in res['epilog_ratios'])}", flush=True)
