@@ -3,11 +3,12 @@
 Runs the real `prolog` and `epilog` executables (as slurmd would: no PATH, SLURM env) inside
 the sandbox node (tests/topology.py), through netacct-daemon and without it (the fallback),
 reports medians: 0-job blocks and N-job blocks in turn (N jobs loaded, then unloaded, for
-each of --rounds), each N-job block compared with the 0-job blocks either side; reads every
+each of --rounds), over all pairs of each kind and each N-job block compared with the 0-job
+blocks either side (a VM's speed drifts by more than the effect in a minute); reads every
 running job's counters with N jobs loaded; and, with --cycles, runs that many prolog/epilog
 pairs through the daemon, recording its RSS, open descriptors and threads every cycles/10
 pairs.
-    .venv/bin/python bench/hooks.py [--jobs 1000] [--runs 50] [--rounds 3] [--cycles 10000]
+    .venv/bin/python bench/hooks.py [--jobs 1000] [--runs 50] [--rounds 8] [--cycles 10000]
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=1000, help="other jobs on the node for the loaded runs")
     ap.add_argument("--runs", type=int, default=50, help="prolog/epilog pairs per measurement")
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--rounds", type=int, default=8,
                     help="load/unload rounds (each N-job block is compared with the 0-job blocks either side)")
     ap.add_argument("--cycles", type=int, default=0, help="daemon memory run: this many pairs")
     ap.add_argument("--gap", type=float, default=0.0,
