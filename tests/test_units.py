@@ -339,3 +339,36 @@ def test_report_of_a_broken_db_is_a_store_error(tmp_path: Path) -> None:
     sqlite3.connect(empty).close()
     with pytest.raises(StoreError):
         report.load([empty])
+
+
+class _Links:
+    """Records RTM_SETLINK requests; fails them with a given errno (a netlink socket's part)."""
+
+    def __init__(self, code: int) -> None:
+        self.code, self.calls = code, []  # type: ignore[var-annotated]
+
+    def link(self, cmd: str, **kw: object) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        self.calls.append((cmd, kw))
+        if self.code:
+            raise NetlinkError(self.code, "refused")
+
+
+def test_no_link_local_tolerates_only_a_kernel_without_ipv6() -> None:
+    """A kernel booted with ipv6.disable=1 refuses AF_INET6 link attributes (EAFNOSUPPORT): no
+    link-local address to prevent there. Any other refusal is a setup error to report. (The
+    real request is checked in test_lifecycle: the links come up without link-local.)"""
+    import errno
+
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from slurm_netacct import netns
+
+    no_ipv6 = _Links(errno.EAFNOSUPPORT)
+    netns._no_link_local(no_ipv6, 7)
+    [(cmd, kw)] = no_ipv6.calls
+    assert cmd == "set" and kw["index"] == 7
+    assert kw["IFLA_AF_SPEC"] == {"attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", 1]]}]]}
+    with pytest.raises(NetlinkError):
+        netns._no_link_local(_Links(errno.EPERM), 7)
