@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from . import naming
 from .config import Config, IPNetwork
 from .errors import ConfigError, NetacctError, SetupError
-from .netns import entered, run_in_netns, set_sysctl, setns
+from .netns import run_in_netns, setns
 
 DIRECTIONS = ("out", "in")  # out: the job sent it (remote = daddr); in: the job received it
 # ICMPv6 link control (neighbour discovery, MLD) is the link's own business, not traffic.
@@ -117,12 +117,6 @@ def _node_mark(text: str) -> Path:
     return MARK_DIR / f"node-{_netns_id()}-{digest}"
 
 
-def _job_sysctls(plan: NodePlan) -> None:
-    """Runs inside the job namespace: let DNS packets redirected from 127/8 leave by eth0."""
-    if plan.dns_stub is not None:
-        set_sysctl(f"net/ipv4/conf/{naming.JOB_IFNAME}/route_localnet", "1")
-
-
 def masquerade_exempt(cfg: Config) -> list[IPNetwork]:
     """Destinations that keep the job's own address: none (nat), or in routed mode every IPv4
     prefix of a non-default class and the pool (peers can connect back to the job). IPv6 is
@@ -198,9 +192,6 @@ class Nftables:
     def install(self, cfg: Config, ns_path: Path, plan: NodePlan) -> None:
         from . import nftlib
 
-        if plan.dns_stub is not None:
-            with entered(ns_path):
-                _job_sysctls(plan)
         # setup_job calls this right after creating the namespace: nothing to replace.
         nftlib.run(self.ruleset(cfg, plan, fresh=True), ns_path)
 
@@ -462,8 +453,6 @@ class Iptables:
 
     def install(self, cfg: Config, ns_path: Path, plan: NodePlan) -> None:
         try:
-            if plan.dns_stub is not None:
-                run_in_netns(ns_path, _job_sysctls, plan)
             for version in (4, 6):
                 run_in_netns(ns_path, _ipt_install, cfg, version, plan)
         except SetupError:

@@ -147,10 +147,10 @@ def setup_job(cfg: Config, info: store.JobInfo, resolv_conf: Path | None = None)
             if rps is not None:  # and so does the node's end
                 netns.set_sysctl("net/core/rps_default_mask", rps)
             undo.append(("link", lambda: netns.delete_link(names.host_if)))
-            netns.build_link(names.netns_path, names.host_if, naming.JOB_IFNAME, addrs)
+            # With a loopback resolver, both ends must route the queries redirected to 127/8.
+            netns.build_link(names.netns_path, names.host_if, naming.JOB_IFNAME, addrs,
+                             route_localnet=plan.dns_stub is not None)
             failpoint("link")
-            if plan.dns_stub is not None:  # the node must route the redirected queries to 127/8
-                netns.set_sysctl(f"net/ipv4/conf/{names.host_if}/route_localnet", "1")
             backend.install(cfg, names.netns_path, plan)
             failpoint("rules")
             ensure_node(cfg, backend, plan)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 import sqlite3
+import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -341,34 +344,55 @@ def test_report_of_a_broken_db_is_a_store_error(tmp_path: Path) -> None:
         report.load([empty])
 
 
-class _Links:
-    """Records RTM_SETLINK requests; fails them with a given errno (a netlink socket's part)."""
 
-    def __init__(self, code: int) -> None:
-        self.code, self.calls = code, []  # type: ignore[var-annotated]
+class _Kernel:
+    """The kernel's side of a netlink socket for link_settings: answers each request with the
+    errno of `refuse(request)` and keeps the requests."""
 
-    def link(self, cmd: str, **kw: object) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
+    def __init__(self, refuse: Callable[[bytes], int]) -> None:
+        self.refuse = refuse
+        self.sent: list[bytes] = []
 
-        self.calls.append((cmd, kw))
-        if self.code:
-            raise NetlinkError(self.code, "refused")
+    def send(self, data: bytes) -> int:
+        self.sent.append(data)
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        code = self.refuse(self.sent[-1])
+        return struct.pack("=IHHII", 36, 2, 0, 1, 0) + struct.pack("=i", -code) + self.sent[-1][:16]
 
 
-def test_no_link_local_tolerates_only_a_kernel_without_ipv6() -> None:
-    """A kernel booted with ipv6.disable=1 refuses AF_INET6 link attributes (EAFNOSUPPORT): no
-    link-local address to prevent there. Any other refusal is a setup error to report. (The
-    real request is checked in test_lifecycle: the links come up without link-local.)"""
+def _has_af(request: bytes, family: int) -> bool:
+    """Whether the request's IFLA_AF_SPEC holds an attribute for this address family."""
+    pos = 32  # nlmsghdr + ifinfomsg
+    kind_len, kind = struct.unpack_from("=HH", request, pos)
+    assert kind & 0x7FFF == 26 and pos + kind_len == len(request)
+    pos += 4
+    while pos < len(request):
+        length, kind = struct.unpack_from("=HH", request, pos)
+        if kind & 0x7FFF == family:
+            return True
+        pos += (length + 3) & ~3
+    return False
+
+
+def test_link_settings_without_ipv6_in_the_kernel() -> None:
+    """A kernel booted with ipv6.disable=1 refuses AF_INET6 link attributes (EAFNOSUPPORT):
+    there is no link-local address to prevent, and route_localnet is still set alone. Any
+    other refusal is an error. (The real requests are checked by test_lifecycle's link-local
+    test and test_dns: the links come up without link-local, and DNS to a loopback resolver
+    crosses them.)"""
     import errno
-
-    from pyroute2.netlink.exceptions import NetlinkError
 
     from slurm_netacct import netns
 
-    no_ipv6 = _Links(errno.EAFNOSUPPORT)
-    netns._no_link_local(no_ipv6, 7)
-    [(cmd, kw)] = no_ipv6.calls
-    assert cmd == "set" and kw["index"] == 7
-    assert kw["IFLA_AF_SPEC"] == {"attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", 1]]}]]}
-    with pytest.raises(NetlinkError):
-        netns._no_link_local(_Links(errno.EPERM), 7)
+    no_ipv6 = _Kernel(lambda req: errno.EAFNOSUPPORT if _has_af(req, socket.AF_INET6) else 0)
+    netns.link_settings(no_ipv6, 7, route_localnet=True)  # type: ignore[arg-type]
+    assert [(_has_af(r, socket.AF_INET), _has_af(r, socket.AF_INET6)) for r in no_ipv6.sent] == \
+        [(True, True), (True, False)]
+    assert all(struct.unpack_from("=i", r, 20)[0] == 7 for r in no_ipv6.sent)  # ifinfomsg.ifi_index
+    only_v6 = _Kernel(lambda req: errno.EAFNOSUPPORT)
+    netns.link_settings(only_v6, 7, route_localnet=False)  # type: ignore[arg-type]
+    assert len(only_v6.sent) == 1 and not _has_af(only_v6.sent[0], socket.AF_INET)
+    with pytest.raises(OSError, match="Operation not permitted"):
+        netns.link_settings(_Kernel(lambda req: errno.EPERM), 7, route_localnet=False)  # type: ignore[arg-type]
