@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .errors import SetupError
 from .netns import CLONE_NEWNET, _libc, go_home, home_fd, is_netns
+from .nlmsg import ATTR, HEADER, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attr, message
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -24,26 +25,15 @@ NFPROTO_INET = 1
 NFT_OBJECT_COUNTER = 1
 NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA = 1, 2, 3, 4
 NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS = 1, 2
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLA_F_NESTED = 0x8000
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + b"\0" * ((4 - length % 4) % 4)
 
 
 def _request(table: str, seq: int) -> bytes:
     body = struct.pack("=BBH", NFPROTO_INET, 0, 0)  # nfgenmsg: family, version, res_id
-    body += _attr(NFTA_OBJ_TABLE, table.encode() + b"\0")
-    body += _attr(NFTA_OBJ_TYPE, struct.pack("!I", NFT_OBJECT_COUNTER))
-    msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ
-    return struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+    body += attr(NFTA_OBJ_TABLE, table.encode() + b"\0")
+    body += attr(NFTA_OBJ_TYPE, struct.pack("!I", NFT_OBJECT_COUNTER))
+    return message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ, NLM_F_REQUEST | NLM_F_DUMP, body, seq)
 
 
-_NLA = struct.Struct("=HH")
-_NLMSG = struct.Struct("=IHHII")
 _U64 = struct.Struct("!Q")
 
 
@@ -91,8 +81,8 @@ def _ask(sock: socket.socket, request: bytes, what: str) -> Found:
     """Send a counter dump request on sock and parse the answer: {name: (packets, bytes)}."""
     sock.send(request)  # the kernel binds the socket on first send
     found: Found = {}
-    unpack_msg = _NLMSG.unpack_from
-    unpack_nla = _NLA.unpack_from
+    unpack_msg = HEADER.unpack_from
+    unpack_nla = ATTR.unpack_from
     unpack_u64 = _U64.unpack_from
     while True:
         data = sock.recv(65536)
@@ -176,9 +166,8 @@ def table_exists(table: str) -> bool:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     try:
         sock.bind((0, 0))
-        body = struct.pack("=BBH", NFPROTO_INET, 0, 0) + _attr(NFTA_TABLE_NAME, table.encode() + b"\0")
-        msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE
-        sock.send(struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST, 1, 0) + body)
+        body = struct.pack("=BBH", NFPROTO_INET, 0, 0) + attr(NFTA_TABLE_NAME, table.encode() + b"\0")
+        sock.send(message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE, NLM_F_REQUEST, body))
         data = sock.recv(65536)
         (_length, mtype) = struct.unpack_from("=IH", data, 0)
         if mtype == NLMSG_ERROR:
