@@ -115,6 +115,12 @@ def counter_name(klass: str, direction: str) -> str:
     return f"{klass}_{direction}"
 
 
+def nft_set(run: int, klass: str, version: int) -> str:
+    """Name of the nft set of one run of a class in the job's table, e.g. r0_lan_v4 (runs:
+    accounting.match_runs)."""
+    return f"r{run}_{klass}_v{version}"
+
+
 def ipt_chain(suffix: str) -> str:
     """iptables chain name (x_tables allows 28 characters)."""
     name = f"{IPT_CHAIN_PREFIX}_{suffix}".upper()

@@ -71,11 +71,15 @@ class Node:
             "uplink": UPLINK, "netns_prefix": JOB_PREFIX, "db": str(self.db),
             "log_file": str(self.log), "firewall": backend, "spool_dir": str(tmp / "spool"),
         }
-        body.update({k: v for k, v in overrides.items() if k != "pool"})
+        tables = ("pool", "classes")  # written as [tables], in the order given
+        body.update({k: v for k, v in overrides.items() if k not in tables})
         lines = [f"{k} = {json.dumps(v)}" for k, v in body.items()]
         pool = overrides.get("pool", {"ipv6": POOL6})
         lines.append("[pool]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in pool.items()]
+        if "classes" in overrides:
+            lines.append("[classes]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in overrides["classes"].items()]
         self.config_path.write_text("\n".join(lines) + "\n")
         self.cfg = config.load(self.config_path)
         if daemon:

@@ -174,12 +174,25 @@ def test_nft_ruleset_has_named_counters_for_every_class_and_direction() -> None:
     text = accounting.Nftables().ruleset(cfg)
     for name in ("lan_in", "lan_out", "hpc_in", "hpc_out", "wan_in", "wan_out"):
         assert f"counter {name} {{ }}" in text
-    assert "set lan_v4 { type ipv4_addr; flags interval; auto-merge; elements = { 100.64.0.0/16, 10.0.0.0/8 } }" in text
-    assert "set lan_v6 { type ipv6_addr; flags interval; auto-merge; elements = { fd00:1::/64, fc00::/7 } }" in text
+    assert "set r0_lan_v4 { type ipv4_addr; flags interval; auto-merge; elements = { 100.64.0.0/16, 10.0.0.0/8 } }" in text
+    assert "set r0_lan_v6 { type ipv6_addr; flags interval; auto-merge; elements = { fd00:1::/64, fc00::/7 } }" in text
     # first match wins: the lan set is tested before hpc, the default counts what is left
     out_chain = text.split("chain count_out")[1].split("}")[0:]
     body = "}".join(out_chain)
-    assert body.index("@lan_v4") < body.index("@hpc_v4") < body.index('counter name "wan_out"')
+    assert body.index("@r0_lan_v4") < body.index("@r1_hpc_v4") < body.index('counter name "wan_out"')
+
+
+def test_a_class_listed_before_the_pools_class_keeps_its_place() -> None:
+    """The pool's class is tested first for the pool only; its own prefixes where it is listed."""
+    cfg = config.parse({"default_class": "internet", "classes": {
+        "site": ["10.123.0.10/32", "fd12:3456::10/128"], "lan": ["10.123.0.0/16", "fd12:3456::/48"],
+        "backup": ["10.123.0.0/24"]}})
+    runs = [(r.klass, [str(p) for p in r.prefixes]) for r in accounting.match_runs(cfg)]
+    assert runs == [("lan", ["100.64.0.0/16"]), ("site", ["10.123.0.10/32", "fd12:3456::10/128"]),
+                    ("lan", ["10.123.0.0/16", "fd12:3456::/48"]), ("backup", ["10.123.0.0/24"])]
+    body = accounting.Nftables().ruleset(cfg).split("chain count_out")[1]
+    assert (body.index("@r0_lan_v4") < body.index("@r1_site_v4") < body.index("@r1_site_v6")
+            < body.index("@r2_lan_v4") < body.index("@r3_backup_v4"))
 
 
 # ----------------------------------------------------------------------------- addresses
