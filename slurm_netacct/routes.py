@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Config
-from .errors import SetupError, UsageError
+from .errors import ConfigError, SetupError, UsageError
 
 RTPROT_NETACCT = 222  # the routing protocol number that marks this project's routes
 
@@ -42,9 +42,21 @@ def slurm_nodes(scontrol: str | None = None) -> dict[str, str]:
 
 
 def plan(cfg: Config, nodes: dict[str, str], self_node: str | None) -> list[Route]:
-    """The routes this host needs: every other node's IPv4 job prefix via that node."""
+    """The routes this host needs: every other node's IPv4 job prefix via that node.
+
+    Every node, this one included, must have an index of its own: two names with the same
+    trailing number (n1, n01), or a [routed.nodes] entry equal to another node's number,
+    would share a job prefix (ConfigError naming both)."""
     if cfg.mode != "routed":
         raise UsageError("netacct-routes: config 'mode' is not \"routed\"")
+    owner: dict[int, str] = {}
+    for name in sorted(set(nodes) | ({self_node} if self_node else set())):
+        idx = cfg.node_index(name)
+        if idx in owner:
+            raise ConfigError(f"config key 'routed.nodes': nodes {owner[idx]!r} and {name!r} both have "
+                              f"index {idx} (job prefix {cfg.node_pools(name)[0]}): give one of them an "
+                              "index of its own under [routed.nodes]")
+        owner[idx] = name
     routes = []
     for name in sorted(nodes):
         if name == self_node:
@@ -54,10 +66,11 @@ def plan(cfg: Config, nodes: dict[str, str], self_node: str | None) -> list[Rout
         except ValueError:
             raise SetupError(f"node {name}: NodeAddr {nodes[name]!r} is not an IPv4 address") from None
         routes.append(Route(name, cfg.node_pools(name)[0], via))
-    prefixes = [r.prefix for r in routes]
-    if len(set(prefixes)) != len(prefixes):
-        raise SetupError("two nodes map to the same job prefix: set [routed.nodes]")
     return routes
+
+
+RT_TABLE_MAIN = 254
+_PROTOCOLS = {1: "redirect", 2: "kernel", 3: "boot", 4: "static", 16: "dhcp", RTPROT_NETACCT: "netacct"}
 
 
 def _ipr() -> Any:
@@ -66,38 +79,78 @@ def _ipr() -> Any:
     return IPRoute()
 
 
-def installed() -> list[tuple[str, str]]:
-    """(prefix, via) of every route of ours (protocol 222) in this namespace."""
+@dataclass(frozen=True)
+class Existing:
+    """A route of the main IPv4 table, as far as netacct-routes cares."""
+
+    prefix: str
+    via: str | None
+    proto: int
+
+    def __str__(self) -> str:
+        via = f" via {self.via}" if self.via else ""
+        return f"{self.prefix}{via} proto {_PROTOCOLS.get(self.proto, str(self.proto))}"
+
+
+def _main_routes(ipr: Any) -> list[Existing]:
     out = []
+    for r in ipr.get_routes(family=2, table=RT_TABLE_MAIN):
+        if r.get_attr("RTA_TABLE", r["table"]) != RT_TABLE_MAIN:
+            continue
+        dst = r.get_attr("RTA_DST") or "0.0.0.0"
+        gw = r.get_attr("RTA_GATEWAY")
+        out.append(Existing(f"{dst}/{r['dst_len']}", str(gw) if gw else None, int(r["proto"])))
+    return out
+
+
+def installed() -> list[tuple[str, str]]:
+    """(prefix, via) of every route of ours (protocol 222) in the main table of this namespace."""
     with _ipr() as ipr:
-        for r in ipr.get_routes(family=2, proto=RTPROT_NETACCT):
-            dst = r.get_attr("RTA_DST")
-            out.append((f"{dst}/{r['dst_len']}", str(r.get_attr("RTA_GATEWAY"))))
-    return sorted(out)
+        return sorted((e.prefix, str(e.via)) for e in _main_routes(ipr) if e.proto == RTPROT_NETACCT)
 
 
 def install(routes: list[Route]) -> tuple[int, int]:
-    """Make our routes exactly `routes`: replace those planned, delete our others."""
+    """Make our routes exactly `routes`: add or update those planned, delete our others.
+
+    Only routes of protocol 222 are ever changed. A planned prefix that already has a route
+    of anyone else's (an administrator's static route, a DHCP one) is refused before anything
+    is changed: SetupError naming that route."""
     wanted = {str(r.prefix): r for r in routes}
-    removed = 0
     try:
         with _ipr() as ipr:
-            for prefix, _via in installed():
-                if prefix not in wanted:
-                    ipr.route("del", dst=prefix, proto=RTPROT_NETACCT)
-                    removed += 1
+            existing = _main_routes(ipr)
+            foreign = [e for e in existing if e.prefix in wanted and e.proto != RTPROT_NETACCT]
+            if foreign:
+                more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+                raise SetupError(f"route {foreign[0]}{more} is not netacct-routes' (protocol "
+                                 f"{RTPROT_NETACCT}): refusing to replace it; remove it, or change "
+                                 "pool.ipv4 or [routed.nodes] so that job prefixes do not collide with it")
+            ours = {e.prefix: e for e in existing if e.proto == RTPROT_NETACCT}
+            removed = 0
+            for prefix in sorted(set(ours) - set(wanted)):
+                ipr.route("del", dst=prefix, proto=RTPROT_NETACCT, table=RT_TABLE_MAIN)
+                removed += 1
             for r in routes:
-                ipr.route("replace", dst=str(r.prefix), gateway=str(r.via), proto=RTPROT_NETACCT)
+                mine = ours.get(str(r.prefix))
+                if mine is None:  # "add" fails if a route appeared meanwhile: never overwrite it
+                    ipr.route("add", dst=str(r.prefix), gateway=str(r.via), proto=RTPROT_NETACCT,
+                              table=RT_TABLE_MAIN)
+                elif mine.via != str(r.via):
+                    ipr.route("replace", dst=str(r.prefix), gateway=str(r.via), proto=RTPROT_NETACCT,
+                              table=RT_TABLE_MAIN)
+    except SetupError:
+        raise
     except Exception as exc:  # NetlinkError: e.g. the next hop is not on a connected network
         raise SetupError(f"route install failed: {exc}") from None
     return len(routes), removed
 
 
 def remove() -> int:
-    """Delete every route of ours, and nothing else."""
+    """Delete every route of ours (protocol 222), and nothing else."""
     n = 0
     with _ipr() as ipr:
-        for prefix, _via in installed():
-            ipr.route("del", dst=prefix, proto=RTPROT_NETACCT)
-            n += 1
+        for e in _main_routes(ipr):
+            if e.proto == RTPROT_NETACCT:
+                ipr.route("del", dst=e.prefix, proto=RTPROT_NETACCT, table=RT_TABLE_MAIN)
+                n += 1
     return n
