@@ -9,7 +9,9 @@
  * stderr and exits RC. If the daemon is not there, does not answer within
  * $NETACCT_TIMEOUT seconds (default 30) or answers 75 ("do it yourself"), it execs
  * PYTHON -m slurm_netacct.hooks OP, which does the same work in-process: no job fails
- * because the daemon is down. Standard C library only.
+ * because the daemon is down. An answer that is not exactly "RC MESSAGE\n" with RC a
+ * decimal from 0 to 255 is treated like no answer: the hook runs itself (it is idempotent,
+ * whatever the daemon may have done). Standard C library only.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -22,10 +24,47 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "../spank/netacct-host.h"   /* netacct_short_hostname: %h as the plugin sees it */
+
 #define DEFAULT_SOCKET "/run/slurm-netacct/daemon.sock"
 #define TEMPFAIL 75
 
 extern char **environ;
+
+/* A whole decimal number from lo to hi, nothing else; -1 otherwise. */
+static long strict_number(const char *s, const char *end, long lo, long hi)
+{
+	long v = 0;
+
+	if (s == end || end - s > 9 || (*s == '0' && end - s > 1))
+		return -1;
+	for (; s < end; s++) {
+		if (*s < '0' || *s > '9')
+			return -1;
+		v = v * 10 + (*s - '0');
+	}
+	return v >= lo && v <= hi ? v : -1;
+}
+
+/*
+ * The daemon's answer "RC MESSAGE\n" (MESSAGE may be empty): its exit code, with *msg at
+ * MESSAGE; -1 if the answer is anything else (cut short, garbled, no newline at the end).
+ */
+static int parse_answer(char *reply, size_t len, char **msg)
+{
+	char *sp = memchr(reply, ' ', len);
+	long rc;
+
+	if (len < 3 || reply[len - 1] != '\n' || !sp || memchr(reply, '\0', len))
+		return -1;
+	rc = strict_number(reply, sp, 0, 255);
+	if (rc < 0)
+		return -1;
+	if (memchr(sp + 1, '\n', (size_t) (reply + len - 1 - (sp + 1))))
+		return -1;      /* one line only */
+	*msg = sp + 1;
+	return (int) rc;
+}
 
 static void fallback(const char *op, const char *python)
 {
@@ -61,8 +100,8 @@ int main(int argc, char **argv)
 	path = getenv("NETACCT_SOCKET");
 	if (!path || !*path)
 		path = DEFAULT_SOCKET;
-	if ((t = getenv("NETACCT_TIMEOUT")) && atoi(t) > 0)
-		tv.tv_sec = atoi(t);
+	if ((t = getenv("NETACCT_TIMEOUT")) && strict_number(t, t + strlen(t), 1, 86400) > 0)
+		tv.tv_sec = strict_number(t, t + strlen(t), 1, 86400);
 	if (strlen(path) >= sizeof(addr.sun_path))
 		fallback(op, python);
 	strcpy(addr.sun_path, path);
@@ -94,10 +133,9 @@ int main(int argc, char **argv)
 	{       /* our short host name, for %h in netns_prefix (as the SPANK plugin sees it) */
 		char host[300] = "NETACCT_HOST=";
 
-		if (gethostname(host + 13, sizeof(host) - 14) == 0) {
-			host[13 + strcspn(host + 13, ".")] = '\0';
+		netacct_short_hostname(host + 13, sizeof(host) - 13);
+		if (host[13])
 			PUT(host);
-		}
 	}
 	buf[len++] = '\0';
 
@@ -146,14 +184,14 @@ int main(int argc, char **argv)
 	if (total == 0)             /* timed out or the daemon died: do it ourselves */
 		fallback(op, python);
 	reply[total] = '\0';
-	rc = atoi(reply);
-	if (rc == TEMPFAIL)
-		fallback(op, python);
 	{
-		char *m = strchr(reply, ' ');
+		char *m = NULL;
 
-		if (m && m[1] && m[1] != '\n')
-			fputs(m + 1, stderr);
+		rc = parse_answer(reply, (size_t) total, &m);
+		if (rc < 0 || rc == TEMPFAIL)   /* not an answer we understand: do it ourselves */
+			fallback(op, python);
+		if (*m != '\n')
+			fputs(m, stderr);
 	}
 	return rc;
 }

@@ -14,7 +14,8 @@ NODE_NFT_TABLE = "netacct_node"  # the node-side NAT table (one per node, shared
 IPT_CHAIN_PREFIX = "NETACCT"  # iptables chains: NETACCT_OUT, NETACCT_IN, NETACCT_<CLASS>_<DIR>
 
 _JOB_ID_RE = re.compile(r"[1-9][0-9]{0,9}")
-_PREFIX_RE = re.compile(r"(?:[A-Za-z0-9._-]|%h){1,32}")
+MAX_PREFIX_LEN = 32  # characters of netns_prefix as written (%h counts 2); the C side's NETACCT_PREFIX_MAX
+_PREFIX_RE = re.compile(r"(?:[A-Za-z0-9._-]|%h)+")
 _NODE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _IFPREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,3}")
 MAX_JOB_ID_DIGITS = 10
@@ -45,7 +46,8 @@ def valid_netns_prefix(prefix: str) -> bool:
     '%h' stands for the host's short name (as in slurm.conf): for several slurmd on one
     machine, each in a UTS namespace of its own, which otherwise share /run/netns.
     """
-    return bool(_PREFIX_RE.fullmatch(prefix)) and prefix not in {".", ".."}
+    return (len(prefix) <= MAX_PREFIX_LEN and bool(_PREFIX_RE.fullmatch(prefix))
+            and prefix not in {".", ".."})
 
 
 def valid_host_name(host: str) -> bool:

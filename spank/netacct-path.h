@@ -20,10 +20,13 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "netacct-host.h"
+
 #define NETACCT_DEFAULT_DIR     "/run/netns"
 #define NETACCT_DEFAULT_PREFIX  "netacct-"
 #define NETACCT_JOBID_DIGITS    10      /* UINT32_MAX is 4294967295 */
-#define NETACCT_PREFIX_MAX      (NAME_MAX - NETACCT_JOBID_DIGITS)
+/* Characters of prefix= as written (%h counts 2): slurm_netacct.naming.MAX_PREFIX_LEN. */
+#define NETACCT_PREFIX_MAX      32
 /* SLURM's NO_VAL (0xfffffffe) and INFINITE (0xffffffff) are never job ids;
  * slurm_netacct.naming.MAX_JOB_ID is the same limit. */
 #define NETACCT_JOBID_MAX       0xfffffffdU
@@ -220,18 +223,6 @@ static int netacct_build_path(const struct netacct_conf *c, uint32_t jobid,
 toolong:
 	netacct_err("namespace path for job %u too long", jobid);
 	return -1;
-}
-
-/*
- * The short host name (up to the first '.') into buf, "" if unknown: what %h
- * in the prefix stands for, as the prolog sees it.
- */
-static inline void netacct_short_hostname(char *buf, size_t len)
-{
-	if (gethostname(buf, len) != 0)
-		buf[0] = '\0';
-	buf[len - 1] = '\0';
-	buf[strcspn(buf, ".")] = '\0';
 }
 
 /*

@@ -229,3 +229,76 @@ def test_sigterm_stops_the_daemon_promptly_every_time(topo: Topology, tmp_path: 
             node.daemon = None
     finally:
         node.cleanup()
+
+
+class FakeDaemon:
+    """A unix socket that answers every request with the same bytes (a garbled service)."""
+
+    def __init__(self, path: Path, answer: bytes) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(8)
+        self.requests = 0
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.settimeout(5)
+                    data = b""
+                    while not data.endswith(b"\0\0"):
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    self.requests += 1
+                    conn.sendall(answer)
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        import socket
+
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("answer", [b"abc\n", b"0", b"0 done", b"300 x\n", b"-1 x\n", b"007 x\n",
+                                    b" 0 x\n", b"0 two\nlines\n", b"0\n", b"1e1 x\n", b"0 x\n\0"])
+def test_an_answer_the_client_cannot_parse_makes_the_hook_run_itself(
+        topo: Topology, tmp_path: Path, answer: bytes) -> None:
+    node = Node(topo, tmp_path, "nftables")
+    fake = FakeDaemon(node.socket, answer)
+    try:
+        r = node.hook("prolog", 7300)
+        assert r.returncode == 0, r.stderr
+        assert fake.requests == 1  # the client did ask ...
+        assert _log_lines(node, 7300, "netacct-prolog")  # ... and then did the work itself
+    finally:
+        fake.close()
+        node.cleanup()
+    assert project_leftovers(topo) == []
+
+
+@pytest.mark.parametrize("answer,rc,stderr", [(b"0 \n", 0, ""), (b"8 netacct-prolog: job 7301: boom\n", 8,
+                                                                  "netacct-prolog: job 7301: boom\n")])
+def test_a_well_formed_answer_is_the_hooks_result(topo: Topology, tmp_path: Path, answer: bytes,
+                                                   rc: int, stderr: str) -> None:
+    node = Node(topo, tmp_path, "nftables")
+    fake = FakeDaemon(node.socket, answer)
+    try:
+        r = node.hook("prolog", 7301)
+        assert (r.returncode, r.stderr) == (rc, stderr)
+        assert fake.requests == 1 and not node.log.exists()  # nothing ran here
+    finally:
+        fake.close()
+        node.started.clear()
+    assert project_leftovers(topo) == []

@@ -74,3 +74,15 @@ def test_unusable_host_names_are_refused() -> None:
 def test_boundaries() -> None:
     assert c_path("1").stdout.strip() == "/run/netns/netacct-1"
     assert c_path(str(naming.MAX_JOB_ID)).stdout.strip() == f"/run/netns/netacct-{naming.MAX_JOB_ID}"
+
+
+@pytest.mark.parametrize("prefix", ["a" * naming.MAX_PREFIX_LEN, "a" * (naming.MAX_PREFIX_LEN + 1),
+                                    "%h" * 16, "x" + "%h" * 16, "a%", "%x", "a/b", "a b", "%%h"])
+def test_c_and_python_accept_the_same_prefixes(prefix: str) -> None:
+    """Both sides read netns_prefix / prefix= with the same rule and the same length limit."""
+    py_ok = naming.valid_netns_prefix(prefix)
+    r = _nspath_on_host("n1", f"prefix={prefix}", "7")
+    assert (r.returncode == 0) == py_ok, r.stderr
+    if py_ok:
+        assert r.stdout.strip() == f"/run/netns/{naming.netns_name(prefix, 7, 'n1')}"
+    assert (len(prefix) <= naming.MAX_PREFIX_LEN) or not py_ok
