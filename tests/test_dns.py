@@ -44,6 +44,12 @@ nsenter --net=/run/netns/{node.topo.node} {ROOT}/epilog
     # The queries went to the node (the job's gateway, a pool address): LAN, nothing as WAN.
     assert t["lan"]["out_packets"] >= 1 and t["lan"]["in_packets"] >= 1
     assert t["wan"]["out_packets"] == 0 and t["wan"]["in_packets"] == 0
-    # The redirect rules are the node's; they go with the node table, not per job.
-    assert "dnat ip to 127.0.0.53" in in_ns(node.topo.node, "nft", "list", "table", "inet", "netacct_node").stdout \
-        or node.backend == "iptables"
+    # The redirect rules are the node's (one set for all jobs), in the backend's own form.
+    if node.backend == "nftables":
+        rules = in_ns(node.topo.node, "nft", "list", "table", "inet", "netacct_node").stdout
+        assert f"ip daddr 100.64.0.1 meta l4proto {{ tcp, udp }} th dport 53 dnat ip to 127.0.0.53" in rules
+    else:  # python-iptables writes legacy x_tables
+        rules = in_ns(node.topo.node, "iptables-legacy", "-t", "nat", "-S", "NETACCT_DNS").stdout
+        for proto in ("udp", "tcp"):
+            assert (f"-A NETACCT_DNS -d 100.64.0.1/32 -i na+ -p {proto} -m {proto} --dport 53 "
+                    "-j DNAT --to-destination 127.0.0.53") in rules, rules

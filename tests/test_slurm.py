@@ -292,8 +292,13 @@ python3 {cluster.work}/traffic.py tcp-up lanserver.netacct.test {PORT} 100000
 
 
 def test_the_daemon_did_the_work(cluster: Cluster) -> None:
-    logs = "".join(p.read_text() for p in cluster.work.glob("netacct-*.log"))
-    assert " netacct-daemon[" in logs and " netacct-prolog[" not in logs, logs[-2000:]
+    job, out = cluster.submit("#!/bin/bash\n#SBATCH -N1 -w n2\ntrue\n")
+    assert out.startswith("COMPLETED"), out
+    lines = [line for p in cluster.work.glob("netacct-*.log") for line in p.read_text().splitlines()
+             if f"job {job}:" in line]
+    assert any(" netacct-daemon[" in line and "set up" in line for line in lines), lines
+    assert any(" netacct-daemon[" in line and "counters stored" in line for line in lines), lines
+    assert not [line for line in lines if " netacct-prolog[" in line or " netacct-epilog[" in line], lines
 
 
 def test_a_job_cannot_escape_or_cheat_its_accounting(cluster: Cluster) -> None:

@@ -30,13 +30,16 @@ def test_every_valid_job_id_round_trips_and_fits_ifnamsiz(job: int) -> None:
     assert naming.job_id_from_netns("netacct-", naming.netns_name("netacct-", job)) == job
 
 
-@given(st.text(max_size=30))
+@given(st.one_of(st.text(max_size=30), st.integers(-10, 2**33).map(str),
+                 st.from_regex(r"[ +-]?0*[0-9]{1,11} ?", fullmatch=True)))
 def test_parse_job_id_accepts_only_canonical_decimals(text: str) -> None:
-    try:
-        job = naming.parse_job_id(text)
-    except ValueError:
-        return
-    assert str(job) == text and 1 <= job <= naming.MAX_JOB_ID
+    canonical = (text.isascii() and text.isdigit() and not text.startswith("0")
+                 and 1 <= int(text) <= naming.MAX_JOB_ID)
+    if canonical:
+        assert naming.parse_job_id(text) == int(text)
+    else:
+        with pytest.raises(ValueError):
+            naming.parse_job_id(text)
 
 
 @pytest.mark.parametrize("bad", ["", "0", "00", "01", "-5", "+5", "1e3", "4294967294", "4294967295",
