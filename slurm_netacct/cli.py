@@ -336,7 +336,8 @@ def report_main(argv: Sequence[str] | None = None) -> None:
             print(" ".join(render.available(classes, group_by, rates)))
             return
         cols = render.columns(args.format, classes, group_by, rates)
-        records = _live_overlay(cfg, report.iter_jobs(sources, query, classes))
+        notes = report.Notes()
+        records = _live_overlay(cfg, report.iter_jobs(sources, query, classes, notes))
         decimals = rates.decimals if rates else 2
         total = None
         rows: Iterator[object]
@@ -344,7 +345,7 @@ def report_main(argv: Sequence[str] | None = None) -> None:
             if _is_local_only(cfg, sources):
                 groups = report.aggregate(records, group_by, rates)
             else:  # node databases elsewhere: no live counters to add, so split the work
-                groups = report.aggregate_parallel(sources, query, classes, group_by, rates)
+                groups = report.aggregate_parallel(sources, query, classes, group_by, rates, notes=notes)
             if rates is not None:
                 total = sum((g.cost for g in groups), Decimal(0))
             rows = iter(groups)
@@ -374,6 +375,9 @@ def report_main(argv: Sequence[str] | None = None) -> None:
                 total = sum((r.cost for r in rows_list), Decimal(0))  # type: ignore[attr-defined]
                 rows = iter(rows_list)
             render.write_table(out, rows, cols, not args.noheader, args.units, decimals, total)
+        out.flush()
+        for line in notes.lines():  # never on stdout: scripts parse it
+            print(f"{prog}: {line}", file=sys.stderr)
     except NetacctError as exc:
         sys.exit(_fail(prog, exc))
     except BrokenPipeError:  # `netacct-report ... | head`

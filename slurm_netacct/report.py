@@ -249,33 +249,93 @@ def _build(rows: list[_Row], classes: list[str]) -> JobRecord:
     return rec
 
 
-def iter_jobs(paths: Iterable[Path], query: Query = Query(), classes: list[str] | None = None) -> Iterator[JobRecord]:
+@dataclass
+class Notes:
+    """What a report's reader must be told besides its rows (the command prints it on stderr)."""
+
+    differing: int = 0  # reported (job, node, run) rows whose copies in several databases disagree
+    first_differing: tuple[int, str] | None = None  # (job id, node) of the first of them
+
+    def add_differing(self, count: int, first: tuple[int, str]) -> None:
+        self.differing += count
+        if self.first_differing is None or first < self.first_differing:
+            self.first_differing = first
+
+    def merge(self, other: "Notes") -> None:
+        """Add the notes of another part of the same report (a worker's job-id range)."""
+        if other.first_differing is not None:
+            self.add_differing(other.differing, other.first_differing)
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.first_differing is not None:
+            job, node = self.first_differing
+            out.append(f"warning: {self.differing} job rows differ between database copies "
+                       f"(first: job {job} on {node}); the most final copy is used")
+        return out
+
+
+def _finality(row: _Row) -> tuple[int, str]:
+    """How final a copy of a node row is: any terminal state over running; then the later
+    end (terminal) or the later sample (running)."""
+    if row[8] == "running":
+        return (0, row[9] or "")
+    return (1, row[7] or "")
+
+
+def _final_rows(rows: Iterable[_Row]) -> Iterator[tuple[_Row, bool]]:
+    """One row per (job, node, run) of rows in key order: its most final copy (ties: the
+    first), and whether the copies disagreed (state or traffic)."""
+    best: _Row | None = None
+    differs = False
+    for row in rows:
+        if best is not None and row[0] == best[0] and row[1] == best[1] and row[2] == best[2]:
+            if not differs and (row[8] != best[8] or row[10:] != best[10:]):
+                differs = True
+            if _finality(row) > _finality(best):
+                best = row
+            continue
+        if best is not None:
+            yield best, differs
+        best, differs = row, False
+    if best is not None:
+        yield best, differs
+
+
+def iter_jobs(paths: Iterable[Path], query: Query = Query(), classes: list[str] | None = None,
+              notes: Notes | None = None) -> Iterator[JobRecord]:
     """Job records merged over all databases, ordered by job id, in constant memory.
 
     Each database yields its rows in (job id, node, restart) order; a k-way merge groups
-    them by job. A row seen twice (two copies of one node's database) is counted once.
-    """
+    them by job. A row found in several databases (copies of one node's database, an old
+    one among them) is taken once, from its most final copy; `notes` counts the reported
+    rows whose copies disagreed."""
     sources = unique_sources(paths)
     if classes is None:
         classes = classes_in(sources)
+    if notes is None:
+        notes = Notes()
     merged = heapq.merge(*(_node_rows(p, query, classes) for p in sources), key=_KEY)
     group: list[_Row] = []
-    last_key: tuple[int, str, int] | None = None
+    differing: list[str] = []  # nodes of the group's rows whose copies disagreed
     wants = query.wants
-    for row in merged:
-        key = (row[0], row[1], row[2])
-        if key == last_key:
-            continue  # the same node row from another copy of the database
+    for row, differs in _final_rows(merged):
         if group and group[0][0] != row[0]:
             rec = _build(group, classes)
             if wants(rec):
+                if differing:
+                    notes.add_differing(len(differing), (rec.job_id, differing[0]))
                 yield rec
             group = []
-        last_key = key
+            differing = []
         group.append(row)
+        if differs:
+            differing.append(row[1])
     if group:
         rec = _build(group, classes)
         if wants(rec):
+            if differing:
+                notes.add_differing(len(differing), (rec.job_id, differing[0]))
             yield rec
 
 
@@ -338,14 +398,17 @@ def aggregate(records: Iterable[JobRecord], by: tuple[str, ...], rates: "Rates |
     return [groups[k] for k in sorted(groups)]
 
 
-def _aggregate_part(args: tuple[list[Path], Query, list[str], tuple[str, ...]]) -> list[tuple[tuple[str, ...], int, list[int]]]:
+def _aggregate_part(args: tuple[list[Path], Query, list[str], tuple[str, ...]]
+                    ) -> tuple[list[tuple[tuple[str, ...], int, list[int]]], Notes]:
     sources, query, classes, by = args
-    return [(g.key, g.jobs, g.vec) for g in aggregate(iter_jobs(sources, query, classes), by)]
+    notes = Notes()
+    groups = aggregate(iter_jobs(sources, query, classes, notes), by)
+    return [(g.key, g.jobs, g.vec) for g in groups], notes
 
 
 def aggregate_parallel(sources: list[Path], query: Query, classes: list[str], by: tuple[str, ...],
                        rates: "Rates | None" = None, workers: int | None = None,
-                       min_span: int = 10_000) -> list[Group]:
+                       min_span: int = 10_000, notes: Notes | None = None) -> list[Group]:
     """aggregate() over iter_jobs(), split by job-id range over worker processes.
 
     Every job falls into exactly one range, so each worker merges whole jobs; the partial
@@ -364,7 +427,7 @@ def aggregate_parallel(sources: list[Path], query: Query, classes: list[str], by
             lo = a if lo is None else min(lo, a)
             hi = b if hi is None else max(hi, b)
     if lo is None or hi is None or workers < 2 or hi - lo < min_span:
-        return aggregate(iter_jobs(sources, query, classes), by, rates)
+        return aggregate(iter_jobs(sources, query, classes, notes), by, rates)
     step = (hi - lo) // workers + 1
     parts = []
     for i in range(workers):
@@ -377,7 +440,9 @@ def aggregate_parallel(sources: list[Path], query: Query, classes: list[str], by
     with multiprocessing.get_context("fork").Pool(len(parts)) as pool:
         results = pool.map(_aggregate_part, parts)
     groups: dict[tuple[str, ...], Group] = {}
-    for part in results:
+    for part, part_notes in results:
+        if notes is not None:
+            notes.merge(part_notes)
         for key, jobs, vec in part:
             g = groups.get(key)
             if g is None:

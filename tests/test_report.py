@@ -451,3 +451,88 @@ def test_years_before_1000_compare_as_times(dbs: tuple[Path, Path], capsys: pyte
     code, out, err = run(capsys, "--db-dir", str(dbs[0].parent), "-S", "0999-01-01", "-n", "-P", "-o", "JobID")
     assert code == 0, err
     assert out.split() == ["101", "102", "103", "104"]
+
+
+# --------------------------------------------------------------------------- issue 18
+
+def _copies(tmp_path: Path) -> tuple[Path, Path]:
+    """Two copies of node n1's database: an old one where job 77 still runs with a 10-byte
+    sample, and the current one where it completed with 7 GB in and 9 GB out."""
+    old = store.connect(tmp_path / "a-old.db")
+    _job(old, 77, "n1", "alice", "physics", "batch", "2026-11-20T08:00:00Z", None, "running",
+         {"wan": (10, 10, 1, 1)}, sampled_at="2026-11-20T08:01:00Z")
+    _job(old, 78, "n1", "alice", "physics", "batch", "2026-11-20T08:00:00Z", "2026-11-20T09:00:00Z", "completed",
+         {"wan": (5, 5, 1, 1)})
+    old.close()
+    new = store.connect(tmp_path / "b-new.db")
+    _job(new, 77, "n1", "alice", "physics", "batch", "2026-11-20T08:00:00Z", "2026-11-21T08:00:00Z", "completed",
+         {"wan": (7_000_000_000, 9_000_000_000, 700, 900)})
+    _job(new, 78, "n1", "alice", "physics", "batch", "2026-11-20T08:00:00Z", "2026-11-20T09:00:00Z", "completed",
+         {"wan": (5, 5, 1, 1)})
+    new.close()
+    return tmp_path / "a-old.db", tmp_path / "b-new.db"
+
+
+def test_the_most_final_copy_of_a_node_row_wins_whatever_the_order(dbs: tuple[Path, Path], tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: the copy that sorted first won (`running|10|10` from --db-dir), no warning."""
+    d = tmp_path / "copies"
+    d.mkdir()
+    old, new = _copies(d)
+    want = "77|completed|7000000000|9000000000\n"
+    warning = ("netacct-report: warning: 1 job rows differ between database copies (first: job 77 on n1); "
+               "the most final copy is used\n")
+    fmt = ("-n", "-P", "-o", "JobID,State,WAN_In,WAN_Out", "-j", "77")
+    for argv in (("--db-dir", str(d)), ("--db", str(old), "--db", str(new)), ("--db", str(new), "--db", str(old))):
+        code, out, err = run(capsys, *argv, *fmt)
+        assert (code, out, err) == (0, want, warning), argv
+    code, out, err = run(capsys, "--db-dir", str(d), "-n", "-P", "-o", "JobID,WAN_In", "-j", "78")
+    assert (code, out, err) == (0, "78|5\n", "")  # identical copies: no warning
+    code, out, err = run(capsys, "--db-dir", str(d), "-j", "77,78", "--json", "--group-by", "user")
+    assert json.loads(out)[0]["traffic"]["wan"]["in_bytes"] == 7_000_000_005 and err == warning
+
+
+@pytest.mark.parametrize("a, b, winner", [
+    # (state, end, sampled_at, wan in bytes) of two copies of one (job, node, run) row
+    (("running", None, "2026-11-20T08:01:00Z", 10), ("completed", "2026-11-21T00:00:00Z", None, 99), 99),
+    (("running", None, "2026-11-20T08:01:00Z", 10), ("lost", "2026-11-21T00:00:00Z", "2026-11-20T09:00:00Z", 50), 50),
+    (("reconciled", "2026-11-22T00:00:00Z", None, 60), ("completed", "2026-11-21T00:00:00Z", None, 99), 60),
+    (("running", None, "2026-11-20T08:01:00Z", 10), ("running", None, "2026-11-20T08:02:00Z", 20), 20),
+    (("completed", "2026-11-21T00:00:00Z", None, 1), ("completed", "2026-11-21T00:00:00Z", None, 2), "first"),
+])
+def test_copies_rank_terminal_then_later_end_or_sample(tmp_path: Path, a: tuple[str, str | None, str | None, int],
+                                                       b: tuple[str, str | None, str | None, int],
+                                                       winner: int | str) -> None:
+    from slurm_netacct import report
+    paths = []
+    for name, (state, end, sampled, n) in (("x.db", a), ("y.db", b)):
+        db = store.connect(tmp_path / name)
+        _job(db, 5, "n1", "u", "a", "p", "2026-11-20T08:00:00Z", end, state, {"wan": (n, 0, 1, 0)}, sampled_at=sampled)
+        db.close()
+        paths.append(tmp_path / name)
+    for order in (paths, paths[::-1]):
+        notes = report.Notes()
+        [rec] = report.iter_jobs(order, report.Query(), ["wan"], notes)
+        first = a[3] if order == paths else b[3]
+        assert rec.traffic["wan"]["in_bytes"] == (first if winner == "first" else winner)
+        assert (notes.differing, notes.first_differing) == (1, (5, "n1"))
+
+
+def test_parallel_aggregation_resolves_copies_and_counts_them_alike(tmp_path: Path) -> None:
+    from slurm_netacct import report
+    old, new = _copies(tmp_path)
+    for j in range(1000, 1100):  # more jobs, so that the id range is split between workers
+        for path, n in ((old, 1), (new, 2)):
+            db = store.connect(path)
+            _job(db, j, "n1", "bob", "chem", "p", "2026-11-20T08:00:00Z", "2026-11-20T09:00:00Z", "completed",
+                 {"wan": (n if j % 10 == 0 else 3, 0, 1, 0)})
+            db.close()
+    paths = [old, new]
+    single_notes, multi_notes = report.Notes(), report.Notes()
+    single = report.aggregate(report.iter_jobs(paths, report.Query(), ["wan"], single_notes), ("user",))
+    multi = report.aggregate_parallel(paths, report.Query(), ["wan"], ("user",), workers=2, min_span=0,
+                                      notes=multi_notes)
+    assert [(g.key, g.jobs, g.vec) for g in single] == [(g.key, g.jobs, g.vec) for g in multi]
+    assert [g.vec[0] for g in single] == [7_000_000_005, 90 * 3 + 10 * 1]  # alice; bob: the first copy of a tie
+    assert (single_notes.differing, single_notes.first_differing) == (11, (77, "n1"))
+    assert (multi_notes.differing, multi_notes.first_differing) == (11, (77, "n1"))
