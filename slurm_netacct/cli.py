@@ -8,6 +8,7 @@ import os
 import pwd
 import sys
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -142,10 +143,13 @@ def report_parser() -> argparse.ArgumentParser:
     sel.add_argument("-N", "--nodelist", metavar="NODE[,NODE...]", action="append",
                      help="only jobs that ran on any of these nodes")
     sel.add_argument("-S", "--starttime", metavar="TIME",
-                     help="jobs running at or after TIME (default: 00:00 today, unless -j or -s)")
-    sel.add_argument("-E", "--endtime", metavar="TIME", help="jobs that started at or before TIME (default: now)")
+                     help="start of the window: jobs running at or after TIME (default: 00:00 today; "
+                          "with -s: now; with -j: the epoch)")
+    sel.add_argument("-E", "--endtime", metavar="TIME",
+                     help="end of the window: jobs that started at or before TIME (default: now; with -s: -S)")
     sel.add_argument("-s", "--state", metavar="STATE[,STATE...]", action="append",
-                     help="running (R), completed (CD), lost, reconciled")
+                     help="jobs in these states during the window: running (R) = ran in it; completed "
+                          "(CD), lost, reconciled = ended in it in that state")
     sel.add_argument("-a", "--allusers", action="store_true",
                      help="every user's jobs (the default for root and report admins)")
     out = p.add_argument_group("output")
@@ -200,14 +204,14 @@ def _names(values: list[str] | None, flag: str) -> frozenset[str] | None:
     return names
 
 
-def _utc(text: str, flag: str) -> str:
+def _utc(text: str, flag: str, now: datetime | None = None) -> str:
     """A -S/-E time (local) as the databases' UTC ISO string; UsageError if invalid or out of range."""
     from datetime import timezone
 
     from . import timeparse
 
     try:
-        utc = timeparse.parse(text).astimezone(timezone.utc)
+        utc = timeparse.parse(text, now).astimezone(timezone.utc)
     except (ValueError, OverflowError) as exc:  # astimezone: "year 0 is out of range" and the like
         raise UsageError(f"netacct-report: {flag}: {exc}") from None
     return utc.isoformat(timespec="seconds").replace("+00:00", "Z")  # 4-digit years: sorts as text
@@ -245,8 +249,6 @@ def is_report_admin(cfg: config_mod.Config, user: str | None) -> bool:
 
 
 def build_query(args: argparse.Namespace, cfg: config_mod.Config) -> report.Query:
-    from datetime import datetime
-
     job_ids = parse_job_list(args.jobs)
     users = _names(args.user, "-u/--user")
     states = None
@@ -265,11 +267,22 @@ def build_query(args: argparse.Namespace, cfg: config_mod.Config) -> report.Quer
         if args.allusers:
             raise NotAllowedError("netacct-report: -a/--allusers is for root and report admins")
         users = frozenset({who})
-    start = _utc(args.starttime, "-S/--starttime") if args.starttime else None
-    if start is None and job_ids is None and states is None:
-        midnight = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0)
-        start = _utc(midnight.strftime("%Y-%m-%dT%H:%M:%S"), "-S/--starttime")
-    end = _utc(args.endtime, "-E/--endtime") if args.endtime else None
+    # The default window, as sacct's (SLURM src/common/slurmdb_defs.c,
+    # slurmdb_job_cond_def_start_end): with -s, -S defaults to now (to the epoch with -j) and
+    # -E to -S; without -s, -S defaults to 00:00 today (the epoch with -j); -E to now.
+    now = datetime.now().replace(microsecond=0)
+    start = _utc(args.starttime, "-S/--starttime", now) if args.starttime else None
+    end = _utc(args.endtime, "-E/--endtime", now) if args.endtime else None
+    if states is not None:
+        if start is None and job_ids is None:
+            start = _utc(now.isoformat(), "-S/--starttime", now)
+        if end is None and start is not None:
+            end = start
+    elif start is None and job_ids is None:
+        start = _utc(now.replace(hour=0, minute=0, second=0).isoformat(), "-S/--starttime", now)
+    if start is not None and end is not None and start > end:  # as sacct, which refuses it too
+        raise UsageError(f"netacct-report: -S/--starttime ({start}) is after -E/--endtime ({end})"
+                         + (" (with -s, -S defaults to now)" if states is not None and not args.starttime else ""))
     return report.Query(job_ids=frozenset(job_ids) if job_ids else None, users=users,
                         accounts=_names(args.accounts, "-A/--accounts"),
                         partitions=_names(args.partition, "-r/--partition"),

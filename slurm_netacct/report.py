@@ -92,9 +92,17 @@ def overlay_live(rec: JobRecord, node: str, traffic: dict[str, dict[str, int]]) 
         rec.as_of = None
 
 
+TERMINAL = ("completed", "lost", "reconciled")
+
+
 @dataclass(frozen=True)
 class Query:
-    """Which jobs to report; None means no restriction. Times are UTC ISO strings."""
+    """Which jobs to report; None means no restriction. Times are UTC ISO strings.
+
+    The window [start, end] (both inclusive) selects as sacct does: without states, jobs whose
+    run overlaps it; with states, jobs that were in one of them during it — `running`: the job
+    ran at some time in the window (it may have ended since), a terminal state: the job is in
+    it and ended in the window."""
 
     job_ids: frozenset[int] | None = None
     users: frozenset[str] | None = None
@@ -102,21 +110,33 @@ class Query:
     partitions: frozenset[str] | None = None
     nodes: frozenset[str] | None = None
     states: frozenset[str] | None = None
-    start: str | None = None  # jobs still running at or after this time
-    end: str | None = None  # jobs started at or before this time
+    start: str | None = None
+    end: str | None = None
     id_range: tuple[int, int] | None = None  # job ids from..to (to split work between processes)
 
-    def wants(self, rec: JobRecord) -> bool:
-        """The job-level filters (a job's nodes, state and time span are known only merged)."""
-        if self.nodes is not None and not self.nodes.intersection(rec.nodes):
-            return False
-        if self.states is not None and rec.state not in self.states:
-            return False
+    def _ran_in_window(self, rec: JobRecord) -> bool:
         if self.end is not None and (rec.start is None or rec.start > self.end):
             return False
         if self.start is not None and rec.end is not None and rec.end < self.start:
             return False
         return True
+
+    def _ended_in_window(self, rec: JobRecord) -> bool:
+        return (rec.end is not None and (self.start is None or rec.end >= self.start)
+                and (self.end is None or rec.end <= self.end))
+
+    def _in_state(self, rec: JobRecord, state: str) -> bool:
+        if state == "running":
+            return rec.start is not None and self._ran_in_window(rec)
+        return rec.state == state and self._ended_in_window(rec)
+
+    def wants(self, rec: JobRecord) -> bool:
+        """The job-level filters (a job's nodes, state and time span are known only merged)."""
+        if self.nodes is not None and not self.nodes.intersection(rec.nodes):
+            return False
+        if self.states is None:
+            return self._ran_in_window(rec)
+        return any(self._in_state(rec, s) for s in self.states)
 
 
 def unique_sources(paths: Iterable[Path]) -> list[Path]:

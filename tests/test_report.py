@@ -93,7 +93,7 @@ def test_parsable_formats_and_fields(dbs: tuple[Path, Path], capsys: pytest.Capt
     code, out, _ = run(capsys, "--db-dir", d, *ALL, "-P", "-o", "jobid,user,nnodes,wan_in,TotalOut,wan_inpkts", "-j", "101,103")
     assert code == 0
     assert out == "JobID|User|NNodes|WAN_In|TotalOut|WAN_InPkts\n101|alice|1|3000000000|500002000|3000\n103|alice|2|0|14|0\n"
-    code, out, _ = run(capsys, "--db-dir", d, *ALL, "-p", "-n", "-o", "JobID,State,AsOf", "-s", "R")
+    code, out, _ = run(capsys, "--db-dir", d, "-S", "2026-11-06", "-p", "-n", "-o", "JobID,State,AsOf", "-s", "R")
     assert out == "104|running|2026-11-05T00:01:00Z|\n"
     code, out, _ = run(capsys, "--db-dir", d, *ALL, "--csv", "-o", "JobID,Account,WAN_In", "--units", "M", "-j", "101,104")
     assert out == "JobID,Account,WAN_In\n101,physics,2861.02M\n104,,0.00M\n"
@@ -137,8 +137,14 @@ def test_running_jobs_show_their_last_sample(dbs: tuple[Path, Path], capsys: pyt
     (("-A", "chem"), [102]),
     (("-r", "gpu"), [103]),
     (("-N", "n2"), [103, 104]),
-    (("-s", "CD"), [101, 102, 103]),
-    (("-s", "running,completed"), [101, 102, 103, 104]),
+    (("-s", "CD", "-E", "2026-12-31"), [101, 102, 103]),
+    (("-s", "running,completed", "-E", "2026-12-31"), [101, 102, 103, 104]),
+    (("-s", "CD"), []),  # with -s and -S but no -E, the window is the instant -S (as sacct)
+    (("-s", "CD", "-S", "2026-11-01", "-E", "2026-11-02T02:00:05"), [102, 103]),  # ended in the window
+    (("-s", "CD", "-S", "2026-11-02T02:00:05"), [103]),  # ended at that very second
+    (("-s", "CD", "-S", "2026-11-01T08:30", "-E", "2026-11-01T08:45"), []),  # none ended then
+    (("-s", "R", "-S", "2026-11-01T08:30", "-E", "2026-11-01T08:45"), [102]),  # 102 ran then (completed since)
+    (("-s", "R", "-S", "2026-11-06"), [104]),
     (("-S", "2026-11-01T08:30", "-E", "2026-11-02"), [102, 103]),  # overlap: 102 ends 09:00, 103 starts at 00:00Z
     (("-S", "2026-11-03"), [104]),  # still running
     (("-E", "2026-10-31"), [101]),
@@ -156,6 +162,35 @@ def test_selection_like_sacct(dbs: tuple[Path, Path], capsys: pytest.CaptureFixt
     assert [int(x) for x in out.split()] == jobs
 
 
+def test_states_select_what_was_in_that_state_in_the_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """sacct: with -s and no -S the window is now (only jobs running now can match); a terminal
+    state matches a job that ended in the window, `running` one that ran during it.
+    Was: `-s CD` listed every completed job ever."""
+    db = store.connect(tmp_path / "n1.db")
+    now = datetime.now(timezone.utc)
+    iso = lambda t: t.strftime("%Y-%m-%dT%H:%M:%SZ")  # noqa: E731
+    _job(db, 1, "n1", "a", "x", "p", iso(now - timedelta(days=3)), iso(now - timedelta(days=3, minutes=-5)), "completed", {})
+    _job(db, 2, "n1", "a", "x", "p", iso(now - timedelta(hours=1)), None, "running", {})
+    _job(db, 3, "n1", "a", "x", "p", iso(now - timedelta(hours=2)), iso(now - timedelta(minutes=10)), "completed", {})
+    _job(db, 4, "n1", "a", "x", "p", iso(now - timedelta(hours=2)), iso(now - timedelta(minutes=20)), "lost", {})
+    db.close()
+    monkeypatch.setenv("NETACCT_CONFIG", "/dev/null")
+    base = ("--db", str(tmp_path / "n1.db"), "-n", "-P", "-o", "JobID")
+    jobs = lambda *a: run(capsys, *base, *a)[1].split()  # noqa: E731
+    assert jobs("-s", "CD") == []
+    assert jobs("-s", "R") == ["2"]
+    assert jobs("-s", "CD,lost", "-S", "now-1hour") == []  # -E defaults to -S: the instant
+    assert jobs("-s", "CD,lost", "-S", "now-1hour", "-E", "now") == ["3", "4"]
+    assert jobs("-s", "lost", "-S", "now-1hour", "-E", "now") == ["4"]
+    assert jobs("-s", "CD", "-S", "now-4days", "-E", "now") == ["1", "3"]
+    assert jobs("-s", "R,CD", "-S", "now-4days", "-E", "now") == ["1", "2", "3", "4"]  # 4 ran in the window too
+    assert jobs("-s", "R", "-S", "now-4days", "-E", "now-2days") == ["1"]  # it was running then
+    assert jobs("-j", "1,3", "-s", "CD") == ["1", "3"]  # with -j, -S defaults to the epoch, -E to now
+    code, out, err = run(capsys, *base, "-s", "CD", "-E", "now-1day")  # -S defaults to now: after -E
+    assert code == 2 and out == "" and err.startswith("netacct-report: -S/--starttime (") and "is after -E" in err
+
+
 def test_default_window_is_today_unless_jobs_or_states(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     db = store.connect(tmp_path / "n1.db")
@@ -163,14 +198,15 @@ def test_default_window_is_today_unless_jobs_or_states(tmp_path: Path, monkeypat
     iso = lambda t: t.strftime("%Y-%m-%dT%H:%M:%SZ")  # noqa: E731
     midnight_utc = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0).astimezone(timezone.utc)
     _job(db, 1, "n1", "a", "x", "p", iso(midnight_utc - timedelta(days=3)), iso(midnight_utc - timedelta(days=3) + timedelta(minutes=5)), "completed", {})
-    _job(db, 2, "n1", "a", "x", "p", iso(midnight_utc + timedelta(seconds=1)), iso(now), "completed", {})
+    _job(db, 2, "n1", "a", "x", "p", iso(midnight_utc + timedelta(seconds=1)),
+         iso(max(now - timedelta(seconds=2), midnight_utc + timedelta(seconds=1))), "completed", {})
     db.close()
     monkeypatch.setenv("NETACCT_CONFIG", "/dev/null")
     base = ("--db", str(tmp_path / "n1.db"), "-n", "-P", "-o", "JobID")
     assert run(capsys, *base)[1].split() == ["2"]
     assert run(capsys, *base, "-S", "now-7days")[1].split() == ["1", "2"]
     assert run(capsys, *base, "-j", "1")[1].split() == ["1"]
-    assert run(capsys, *base, "-s", "CD")[1].split() == ["1", "2"]
+    assert run(capsys, *base, "-s", "CD")[1].split() == []  # -s without -S: the instant now, as sacct
 
 
 RATES = """
