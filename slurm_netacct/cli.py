@@ -248,6 +248,29 @@ def is_report_admin(cfg: config_mod.Config, user: str | None) -> bool:
     return False
 
 
+def private_viewer(cfg: config_mod.Config) -> str | None:
+    """The caller's user name if private data limits the report to their own jobs (config
+    [report] private, not root, not a report admin); None if they may see every job."""
+    who, root = viewer()
+    if not cfg.report_private or root or is_report_admin(cfg, who):
+        return None
+    if who is None:
+        raise NotAllowedError("netacct-report: you may see only your own jobs, and your user id has no name "
+                              "(config [report] private = true)")
+    return who
+
+
+def check_private_jobs(cfg: config_mod.Config, query: report.Query, sources: list[Path]) -> None:
+    """Under private data, -j naming a job a database holds for another user is refused."""
+    who = private_viewer(cfg)
+    if who is None or query.job_ids is None:
+        return
+    others = report.others_jobs(sources, query.job_ids, who)
+    if others:
+        raise NotAllowedError(f"netacct-report: job {others[0]} is another user's: {who} may see only "
+                              "their own jobs (config [report] private = true)")
+
+
 def build_query(args: argparse.Namespace, cfg: config_mod.Config) -> report.Query:
     job_ids = parse_job_list(args.jobs)
     users = _names(args.user, "-u/--user")
@@ -259,14 +282,14 @@ def build_query(args: argparse.Namespace, cfg: config_mod.Config) -> report.Quer
                 raise UsageError(f"netacct-report: -s/--state: unknown state {s_!r} "
                                  "(running, completed, lost, reconciled)")
             states.add(STATE_ALIASES[s_.lower()])
-    who, root = viewer()
-    if cfg.report_private and not root and not is_report_admin(cfg, who):
-        if who is None or (users is not None and users != {who}):
-            raise NotAllowedError(f"netacct-report: {who or 'you'} may see only their own jobs "
+    who = private_viewer(cfg)
+    if who is not None:
+        if users is not None and users != {who}:
+            raise NotAllowedError(f"netacct-report: {who} may see only their own jobs "
                                   "(config [report] private = true)")
         if args.allusers:
             raise NotAllowedError("netacct-report: -a/--allusers is for root and report admins")
-        users = frozenset({who})
+        users = frozenset({who})  # every result is limited to the caller's jobs (-A, -r, ... filter them)
     # The default window, as sacct's (SLURM src/common/slurmdb_defs.c,
     # slurmdb_job_cond_def_start_end): with -s, -S defaults to now (to the epoch with -j) and
     # -E to -S; without -s, -S defaults to 00:00 today (the epoch with -j); -E to now.
@@ -341,6 +364,7 @@ def report_main(argv: Sequence[str] | None = None) -> None:
             paths = [cfg.db_for(naming.default_node())]
         query = build_query(args, cfg)
         sources = report.unique_sources(paths)
+        check_private_jobs(cfg, query, sources)
         classes = report.classes_in(sources)
         for k in cfg.class_names:
             if k not in classes:

@@ -193,6 +193,25 @@ def classes_in(paths: Iterable[Path]) -> list[str]:
     return sorted(found)
 
 
+def others_jobs(paths: Iterable[Path], job_ids: frozenset[int], user: str) -> list[int]:
+    """Those of `job_ids` that a database holds for someone other than `user`, sorted."""
+    found: set[int] = set()
+    ids = sorted(job_ids)
+    for path in paths:
+        conn = _open_ro(path)
+        try:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                found.update(j for (j,) in conn.execute(
+                    f"SELECT DISTINCT job_id FROM jobs WHERE job_id IN ({','.join('?' * len(chunk))}) "
+                    "AND user IS NOT ?", [*chunk, user]))
+        except sqlite3.Error as exc:
+            raise StoreError(f"database {path}: {exc}") from None
+        finally:
+            conn.close()
+    return sorted(found)
+
+
 def _in(column: str, values: frozenset[Any] | None, where: list[str], params: list[Any]) -> None:
     if values is not None:
         where.append(f"j.{column} IN ({','.join('?' * len(values))})")

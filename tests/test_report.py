@@ -266,6 +266,28 @@ def test_private_data_for_sudo_callers(dbs: tuple[Path, Path], monkeypatch: pyte
     assert run(capsys, *base)[1].split() == ["101", "102", "103", "104"]
 
 
+def test_private_data_refuses_other_users_jobs_by_id_and_filters_accounts(
+        dbs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: `-j` of another user's job and `-A ACCOUNT` gave empty output and exit 0 ("no traffic")."""
+    monkeypatch.setenv("SUDO_USER", "bob")  # bob's only job is 102 (account chem)
+    monkeypatch.setenv("SUDO_UID", "1234")
+    base = ("--db-dir", str(dbs[0].parent), *ALL, "-n", "-P", "-o", "JobID")
+    refused = ("netacct-report: job {} is another user's: bob may see only their own jobs "
+               "(config [report] private = true)\n")
+    assert run(capsys, *base, "-j", "101") == (9, "", refused.format(101))
+    assert run(capsys, *base, "-j", "104,102,103") == (9, "", refused.format(103))  # the first such job
+    assert run(capsys, *base, "--jobs=102", "-j", "104", "--group-by", "user") == (9, "", refused.format(104))
+    assert run(capsys, *base, "-j", "102") == (0, "102\n", "")
+    assert run(capsys, *base, "-j", "102,999") == (0, "102\n", "")  # a job no database holds: nothing to hide
+    assert run(capsys, *base, "-u", "bob") == (0, "102\n", "")
+    assert run(capsys, *base, "-A", "chem") == (0, "102\n", "")  # -A filters the caller's own jobs
+    assert run(capsys, *base, "-A", "physics") == (0, "", "")
+    assert run(capsys, *base, "-u", "bob,alice")[0] == 9
+    assert run(capsys, *base, "--allusers")[0] == 9
+    monkeypatch.setenv("SUDO_USER", "dave")  # a report admin sees any job
+    assert run(capsys, *base, "-j", "101") == (0, "101\n", "")
+
+
 @pytest.mark.parametrize("argv, code, msg", [
     (("-S", "yesterday-ish"), 2, "netacct-report: -S/--starttime: unrecognised time 'yesterday-ish'"),
     (("-o", "JobID,Nope"), 2, "netacct-report: -o/--format: unknown field 'Nope'"),
