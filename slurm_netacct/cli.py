@@ -353,10 +353,6 @@ def report_main(argv: Sequence[str] | None = None) -> None:
             if bad or len(set(group_by)) != len(group_by):
                 raise UsageError(f"{prog}: --group-by: {args.group_by!r}: keys are {', '.join(report.GROUP_BY)}, each once")
         cfg = config_mod.load()
-        rates = None
-        if args.rates is not None:
-            from . import rates as rates_mod
-            rates = rates_mod.load(args.rates)
         paths = list(args.db or [])
         for d in args.db_dir or []:
             paths += report.databases_in(d)
@@ -369,6 +365,10 @@ def report_main(argv: Sequence[str] | None = None) -> None:
         for k in cfg.class_names:
             if k not in classes:
                 classes.append(k)
+        rates = None
+        if args.rates is not None:
+            from . import rates as rates_mod
+            rates = rates_mod.load(args.rates, classes)
         if args.helpformat:
             print(" ".join(render.available(classes, group_by, rates)))
             return

@@ -313,6 +313,33 @@ def test_bad_rates_file(dbs: tuple[Path, Path], tmp_path: Path, capsys: pytest.C
         assert rc == 3 and fragment in err and len(err.strip().splitlines()) == 1
 
 
+def test_rates_must_price_exactly_the_report_classes(dbs: tuple[Path, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: a misspelt class (`wann_out`) was accepted and that traffic silently cost 0."""
+    r = tmp_path / "r.toml"
+    d = ("--db-dir", str(dbs[0].parent), *ALL, "-P", "-o", "JobID,Cost")
+    r.write_text(RATES + 'wann_out = "100"\n')
+    assert run(capsys, *d, "--rates", str(r)) == (
+        3, "", f"netacct-report: rates file {r}: key 'price.wann_out': 'wann' is not a traffic class "
+               "(known: lan, wan)\n")
+    r.write_text(RATES.replace('wan_in = 0.01\n', ''))
+    assert run(capsys, *d, "--rates", str(r)) == (
+        3, "", f"netacct-report: rates file {r}: key 'price.wan_in' is missing: every class and direction "
+               "needs a price (a rate of 0 must be written as 0)\n")
+    r.write_text(RATES.replace('wan_in = 0.01', 'wan_in = 0'))
+    assert run(capsys, *d, "--rates", str(r))[0] == 0
+    # A class found in a database (configured once, since removed) must be priced too.
+    extra = store.connect(dbs[0].parent / "n3.db")
+    _job(extra, 105, "n3", "alice", "physics", "batch", "2026-11-03T00:00:00Z", "2026-11-03T01:00:00Z",
+         "completed", {"hpc": (10**9, 0, 1, 0)})
+    extra.close()
+    err = run(capsys, *d, "--rates", str(r))[2]
+    assert err == (f"netacct-report: rates file {r}: key 'price.hpc_in' is missing: every class and direction "
+                   "needs a price (a rate of 0 must be written as 0)\n")
+    r.write_text(RATES + 'hpc_in = "2"\nhpc_out = "0"\n')
+    assert run(capsys, *d, "--rates", str(r), "-j", "105") == (0, "JobID|Cost(EUR)\n105|2.00\n", "")
+
+
 def test_database_is_opened_read_only(dbs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     before = dbs[0].read_bytes()
     run(capsys, "--db", str(dbs[0]), *ALL)
