@@ -163,7 +163,7 @@ def report_parser() -> argparse.ArgumentParser:
     out.add_argument("--csv", action="store_true", help="comma-separated values with a header")
     out.add_argument("--units", metavar="[KMGTP]", choices=list("KMGTP"),
                      help="bytes in this unit (powers of 1024); default: human-readable in the "
-                          "table, exact bytes in -p/-P/--csv/--json")
+                          "table, exact bytes in -p/-P/--csv; not with --json (always exact bytes)")
     out.add_argument("--per-node", action="store_true", help="with --json: each job's traffic per node")
     agg = p.add_argument_group("aggregation and billing")
     agg.add_argument("--group-by", metavar="KEY[,KEY...]",
@@ -346,6 +346,8 @@ def report_main(argv: Sequence[str] | None = None) -> None:
         modes = [m for m in ("parsable", "parsable2", "json", "csv") if getattr(args, m)]
         if len(modes) > 1:
             raise UsageError(f"{prog}: choose one of -p, -P, --json, --csv")
+        if args.json and args.units:
+            raise UsageError(f"{prog}: --units cannot be used with --json (JSON always has exact byte counts)")
         group_by: tuple[str, ...] | None = None
         if args.group_by:
             group_by = tuple(k.strip().lower() for k in args.group_by.split(","))

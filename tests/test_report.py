@@ -294,6 +294,7 @@ def test_private_data_refuses_other_users_jobs_by_id_and_filters_accounts(
     (("-s", "pending"), 2, "netacct-report: -s/--state: unknown state 'pending'"),
     (("-j", "12x"), 4, "netacct-report: -j/--jobs: job id '12x' is not a positive decimal number"),
     (("-P", "--json"), 2, "netacct-report: choose one of -p, -P, --json, --csv"),
+    (("--json", "--units", "M"), 2, "netacct-report: --units cannot be used with --json (JSON always has exact byte counts)"),  # was ignored
     (("--db", "/nonexistent.db"), 8, "netacct-report: database /nonexistent.db: No such file or directory"),
 ])
 def test_errors_are_one_line_with_documented_codes(dbs: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
