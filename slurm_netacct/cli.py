@@ -165,10 +165,12 @@ def report_parser() -> argparse.ArgumentParser:
                      help="bytes in this unit (powers of 1024); default: human-readable in the "
                           "table, exact bytes in -p/-P/--csv; not with --json (always exact bytes)")
     out.add_argument("--per-node", action="store_true", help="with --json: each job's traffic per node")
-    agg = p.add_argument_group("aggregation and billing")
+    agg = p.add_argument_group("aggregation and billing",
+                               "With --group-by or --rates a job is billed in the period it ended: -S/-E "
+                               "select the jobs that ended between them, and running jobs are left out.")
     agg.add_argument("--group-by", metavar="KEY[,KEY...]",
                      help="totals per user, account, partition, node, day or month (of the job's "
-                          "start, UTC); several keys, e.g. account,month")
+                          "end, UTC); several keys, e.g. account,month")
     agg.add_argument("--rates", metavar="FILE", type=Path, help="TOML prices per GB: adds a Cost column and a total")
     src = p.add_argument_group("sources")
     src.add_argument("--db", metavar="PATH", action="append", type=Path,
@@ -271,7 +273,7 @@ def check_private_jobs(cfg: config_mod.Config, query: report.Query, sources: lis
                               "their own jobs (config [report] private = true)")
 
 
-def build_query(args: argparse.Namespace, cfg: config_mod.Config) -> report.Query:
+def build_query(args: argparse.Namespace, cfg: config_mod.Config, billing: bool = False) -> report.Query:
     job_ids = parse_job_list(args.jobs)
     users = _names(args.user, "-u/--user")
     states = None
@@ -310,7 +312,7 @@ def build_query(args: argparse.Namespace, cfg: config_mod.Config) -> report.Quer
                         accounts=_names(args.accounts, "-A/--accounts"),
                         partitions=_names(args.partition, "-r/--partition"),
                         nodes=_names(args.nodelist, "-N/--nodelist"), states=frozenset(states) if states else None,
-                        start=start, end=end)
+                        start=start, end=end, billing=billing)
 
 
 def _live_overlay(cfg: config_mod.Config, records: Iterator[report.JobRecord]) -> Iterator[report.JobRecord]:
@@ -360,7 +362,7 @@ def report_main(argv: Sequence[str] | None = None) -> None:
             paths += report.databases_in(d)
         if not paths:
             paths = [cfg.db_for(naming.default_node())]
-        query = build_query(args, cfg)
+        query = build_query(args, cfg, billing=bool(group_by) or args.rates is not None)
         sources = report.unique_sources(paths)
         check_private_jobs(cfg, query, sources)
         classes = report.classes_in(sources)

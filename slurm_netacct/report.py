@@ -102,7 +102,11 @@ class Query:
     The window [start, end] (both inclusive) selects as sacct does: without states, jobs whose
     run overlaps it; with states, jobs that were in one of them during it — `running`: the job
     ran at some time in the window (it may have ended since), a terminal state: the job is in
-    it and ended in the window."""
+    it and ended in the window.
+
+    With `billing` (--rates, --group-by) each job belongs to the period in which it ended: only
+    jobs that have ended, within the window, are selected (running jobs are not billed), so
+    consecutive windows never count a job twice."""
 
     job_ids: frozenset[int] | None = None
     users: frozenset[str] | None = None
@@ -113,6 +117,7 @@ class Query:
     start: str | None = None
     end: str | None = None
     id_range: tuple[int, int] | None = None  # job ids from..to (to split work between processes)
+    billing: bool = False  # select ended jobs by their end (see above)
 
     def _ran_in_window(self, rec: JobRecord) -> bool:
         if self.end is not None and (rec.start is None or rec.start > self.end):
@@ -130,13 +135,22 @@ class Query:
             return rec.start is not None and self._ran_in_window(rec)
         return rec.state == state and self._ended_in_window(rec)
 
-    def wants(self, rec: JobRecord) -> bool:
-        """The job-level filters (a job's nodes, state and time span are known only merged)."""
+    def _listed(self, rec: JobRecord) -> bool:
         if self.nodes is not None and not self.nodes.intersection(rec.nodes):
             return False
         if self.states is None:
             return self._ran_in_window(rec)
         return any(self._in_state(rec, s) for s in self.states)
+
+    def wants(self, rec: JobRecord) -> bool:
+        """The job-level filters (a job's nodes, state and time span are known only merged)."""
+        if self.billing and (rec.state == "running" or not self._ended_in_window(rec)):
+            return False
+        return self._listed(rec)
+
+    def unbilled(self, rec: JobRecord) -> bool:
+        """A running job that billing leaves out but a listing with the same flags would show."""
+        return self.billing and rec.state == "running" and self._listed(rec)
 
 
 def unique_sources(paths: Iterable[Path]) -> list[Path]:
@@ -294,6 +308,7 @@ class Notes:
 
     differing: int = 0  # reported (job, node, run) rows whose copies in several databases disagree
     first_differing: tuple[int, str] | None = None  # (job id, node) of the first of them
+    unbilled_running: int = 0  # running jobs a billing query selected but left out (no end yet)
 
     def add_differing(self, count: int, first: tuple[int, str]) -> None:
         self.differing += count
@@ -304,6 +319,7 @@ class Notes:
         """Add the notes of another part of the same report (a worker's job-id range)."""
         if other.first_differing is not None:
             self.add_differing(other.differing, other.first_differing)
+        self.unbilled_running += other.unbilled_running
 
     def lines(self) -> list[str]:
         out = []
@@ -311,6 +327,9 @@ class Notes:
             job, node = self.first_differing
             out.append(f"warning: {self.differing} job rows differ between database copies "
                        f"(first: job {job} on {node}); the most final copy is used")
+        if self.unbilled_running:
+            out.append(f"note: {self.unbilled_running} running jobs are not billed "
+                       "(a job is billed in the period it ends)")
         return out
 
 
@@ -365,6 +384,8 @@ def iter_jobs(paths: Iterable[Path], query: Query = Query(), classes: list[str] 
                 if differing:
                     notes.add_differing(len(differing), (rec.job_id, differing[0]))
                 yield rec
+            elif query.unbilled(rec):
+                notes.unbilled_running += 1
             group = []
             differing = []
         group.append(row)
@@ -376,6 +397,8 @@ def iter_jobs(paths: Iterable[Path], query: Query = Query(), classes: list[str] 
             if differing:
                 notes.add_differing(len(differing), (rec.job_id, differing[0]))
             yield rec
+        elif query.unbilled(rec):
+            notes.unbilled_running += 1
 
 
 def load(paths: Iterable[Path], job_ids: set[int] | None = None) -> list[JobRecord]:
@@ -410,8 +433,8 @@ def group_keys(rec: JobRecord, by: tuple[str, ...]) -> list[tuple[tuple[str, ...
     """(group key, the traffic vector that goes to it) for one job; a job may feed several nodes."""
     scalar: list[str] = []
     for b in by:
-        if b in ("day", "month"):
-            scalar.append((rec.start or "")[:10 if b == "day" else 7])
+        if b in ("day", "month"):  # of the end: a job is billed in the period it ends
+            scalar.append((rec.end or "")[:10 if b == "day" else 7])
         elif b != "node":
             scalar.append(getattr(rec, b) or "(none)")
     if "node" not in by:
