@@ -206,17 +206,21 @@ def _names(values: list[str] | None, flag: str) -> frozenset[str] | None:
     return names
 
 
-def _utc(text: str, flag: str, now: datetime | None = None) -> str:
+def _utc(text: str, flag: str, now: datetime) -> str:
     """A -S/-E time (local) as the databases' UTC ISO string; UsageError if invalid or out of range."""
-    from datetime import timezone
-
     from . import timeparse
 
     try:
-        utc = timeparse.parse(text, now).astimezone(timezone.utc)
+        return _iso_utc(timeparse.parse(text, now))
     except (ValueError, OverflowError) as exc:  # astimezone: "year 0 is out of range" and the like
         raise UsageError(f"netacct-report: {flag}: {exc}") from None
-    return utc.isoformat(timespec="seconds").replace("+00:00", "Z")  # 4-digit years: sorts as text
+
+
+def _iso_utc(local: datetime) -> str:
+    """A naive local time as the databases' UTC ISO string (4-digit years: sorts as text)."""
+    from datetime import timezone
+
+    return local.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def viewer() -> tuple[str | None, bool]:
@@ -300,11 +304,11 @@ def build_query(args: argparse.Namespace, cfg: config_mod.Config, billing: bool 
     end = _utc(args.endtime, "-E/--endtime", now) if args.endtime else None
     if states is not None:
         if start is None and job_ids is None:
-            start = _utc(now.isoformat(), "-S/--starttime", now)
+            start = _iso_utc(now)
         if end is None and start is not None:
             end = start
     elif start is None and job_ids is None:
-        start = _utc(now.replace(hour=0, minute=0, second=0).isoformat(), "-S/--starttime", now)
+        start = _iso_utc(now.replace(hour=0, minute=0, second=0))
     if start is not None and end is not None and start > end:  # as sacct, which refuses it too
         raise UsageError(f"netacct-report: -S/--starttime ({start}) is after -E/--endtime ({end})"
                          + (" (with -s, -S defaults to now)" if states is not None and not args.starttime else ""))

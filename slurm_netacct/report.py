@@ -92,9 +92,6 @@ def overlay_live(rec: JobRecord, node: str, traffic: dict[str, dict[str, int]]) 
         rec.as_of = None
 
 
-TERMINAL = ("completed", "lost", "reconciled")
-
-
 @dataclass(frozen=True)
 class Query:
     """Which jobs to report; None means no restriction. Times are UTC ISO strings.
@@ -322,7 +319,8 @@ class Notes:
         self.unbilled_running += other.unbilled_running
 
     def lines(self) -> list[str]:
-        out = []
+        """One line each, without the program's name."""
+        out: list[str] = []
         if self.first_differing is not None:
             job, node = self.first_differing
             out.append(f"warning: {self.differing} job rows differ between database copies "
