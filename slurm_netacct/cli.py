@@ -8,6 +8,7 @@ import os
 import pwd
 import sys
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -142,10 +143,13 @@ def report_parser() -> argparse.ArgumentParser:
     sel.add_argument("-N", "--nodelist", metavar="NODE[,NODE...]", action="append",
                      help="only jobs that ran on any of these nodes")
     sel.add_argument("-S", "--starttime", metavar="TIME",
-                     help="jobs running at or after TIME (default: 00:00 today, unless -j or -s)")
-    sel.add_argument("-E", "--endtime", metavar="TIME", help="jobs that started at or before TIME (default: now)")
+                     help="start of the window: jobs running at or after TIME (default: 00:00 today; "
+                          "with -s: now; with -j: the epoch)")
+    sel.add_argument("-E", "--endtime", metavar="TIME",
+                     help="end of the window: jobs that started at or before TIME (default: now; with -s: -S)")
     sel.add_argument("-s", "--state", metavar="STATE[,STATE...]", action="append",
-                     help="running (R), completed (CD), lost, reconciled")
+                     help="jobs in these states during the window: running (R) = ran in it; completed "
+                          "(CD), lost, reconciled = ended in it in that state")
     sel.add_argument("-a", "--allusers", action="store_true",
                      help="every user's jobs (the default for root and report admins)")
     out = p.add_argument_group("output")
@@ -159,12 +163,14 @@ def report_parser() -> argparse.ArgumentParser:
     out.add_argument("--csv", action="store_true", help="comma-separated values with a header")
     out.add_argument("--units", metavar="[KMGTP]", choices=list("KMGTP"),
                      help="bytes in this unit (powers of 1024); default: human-readable in the "
-                          "table, exact bytes in -p/-P/--csv/--json")
+                          "table, exact bytes in -p/-P/--csv; not with --json (always exact bytes)")
     out.add_argument("--per-node", action="store_true", help="with --json: each job's traffic per node")
-    agg = p.add_argument_group("aggregation and billing")
+    agg = p.add_argument_group("aggregation and billing",
+                               "With --group-by or --rates a job is billed in the period it ended: -S/-E "
+                               "select the jobs that ended between them, and running jobs are left out.")
     agg.add_argument("--group-by", metavar="KEY[,KEY...]",
                      help="totals per user, account, partition, node, day or month (of the job's "
-                          "start, UTC); several keys, e.g. account,month")
+                          "end, UTC); several keys, e.g. account,month")
     agg.add_argument("--rates", metavar="FILE", type=Path, help="TOML prices per GB: adds a Cost column and a total")
     src = p.add_argument_group("sources")
     src.add_argument("--db", metavar="PATH", action="append", type=Path,
@@ -200,17 +206,21 @@ def _names(values: list[str] | None, flag: str) -> frozenset[str] | None:
     return names
 
 
-def _utc(text: str, flag: str) -> str:
+def _utc(text: str, flag: str, now: datetime) -> str:
     """A -S/-E time (local) as the databases' UTC ISO string; UsageError if invalid or out of range."""
-    from datetime import timezone
-
     from . import timeparse
 
     try:
-        utc = timeparse.parse(text).astimezone(timezone.utc)
+        return _iso_utc(timeparse.parse(text, now))
     except (ValueError, OverflowError) as exc:  # astimezone: "year 0 is out of range" and the like
         raise UsageError(f"netacct-report: {flag}: {exc}") from None
-    return utc.isoformat(timespec="seconds").replace("+00:00", "Z")  # 4-digit years: sorts as text
+
+
+def _iso_utc(local: datetime) -> str:
+    """A naive local time as the databases' UTC ISO string (4-digit years: sorts as text)."""
+    from datetime import timezone
+
+    return local.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def viewer() -> tuple[str | None, bool]:
@@ -244,9 +254,30 @@ def is_report_admin(cfg: config_mod.Config, user: str | None) -> bool:
     return False
 
 
-def build_query(args: argparse.Namespace, cfg: config_mod.Config) -> report.Query:
-    from datetime import datetime
+def private_viewer(cfg: config_mod.Config) -> str | None:
+    """The caller's user name if private data limits the report to their own jobs (config
+    [report] private, not root, not a report admin); None if they may see every job."""
+    who, root = viewer()
+    if not cfg.report_private or root or is_report_admin(cfg, who):
+        return None
+    if who is None:
+        raise NotAllowedError("netacct-report: you may see only your own jobs, and your user id has no name "
+                              "(config [report] private = true)")
+    return who
 
+
+def check_private_jobs(cfg: config_mod.Config, query: report.Query, sources: list[Path]) -> None:
+    """Under private data, -j naming a job a database holds for another user is refused."""
+    who = private_viewer(cfg)
+    if who is None or query.job_ids is None:
+        return
+    others = report.others_jobs(sources, query.job_ids, who)
+    if others:
+        raise NotAllowedError(f"netacct-report: job {others[0]} is another user's: {who} may see only "
+                              "their own jobs (config [report] private = true)")
+
+
+def build_query(args: argparse.Namespace, cfg: config_mod.Config, billing: bool = False) -> report.Query:
     job_ids = parse_job_list(args.jobs)
     users = _names(args.user, "-u/--user")
     states = None
@@ -257,24 +288,35 @@ def build_query(args: argparse.Namespace, cfg: config_mod.Config) -> report.Quer
                 raise UsageError(f"netacct-report: -s/--state: unknown state {s_!r} "
                                  "(running, completed, lost, reconciled)")
             states.add(STATE_ALIASES[s_.lower()])
-    who, root = viewer()
-    if cfg.report_private and not root and not is_report_admin(cfg, who):
-        if who is None or (users is not None and users != {who}):
-            raise NotAllowedError(f"netacct-report: {who or 'you'} may see only their own jobs "
+    who = private_viewer(cfg)
+    if who is not None:
+        if users is not None and users != {who}:
+            raise NotAllowedError(f"netacct-report: {who} may see only their own jobs "
                                   "(config [report] private = true)")
         if args.allusers:
             raise NotAllowedError("netacct-report: -a/--allusers is for root and report admins")
-        users = frozenset({who})
-    start = _utc(args.starttime, "-S/--starttime") if args.starttime else None
-    if start is None and job_ids is None and states is None:
-        midnight = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0)
-        start = _utc(midnight.strftime("%Y-%m-%dT%H:%M:%S"), "-S/--starttime")
-    end = _utc(args.endtime, "-E/--endtime") if args.endtime else None
+        users = frozenset({who})  # every result is limited to the caller's jobs (-A, -r, ... filter them)
+    # The default window, as sacct's (SLURM src/common/slurmdb_defs.c,
+    # slurmdb_job_cond_def_start_end): with -s, -S defaults to now (to the epoch with -j) and
+    # -E to -S; without -s, -S defaults to 00:00 today (the epoch with -j); -E to now.
+    now = datetime.now().replace(microsecond=0)
+    start = _utc(args.starttime, "-S/--starttime", now) if args.starttime else None
+    end = _utc(args.endtime, "-E/--endtime", now) if args.endtime else None
+    if states is not None:
+        if start is None and job_ids is None:
+            start = _iso_utc(now)
+        if end is None and start is not None:
+            end = start
+    elif start is None and job_ids is None:
+        start = _iso_utc(now.replace(hour=0, minute=0, second=0))
+    if start is not None and end is not None and start > end:  # as sacct, which refuses it too
+        raise UsageError(f"netacct-report: -S/--starttime ({start}) is after -E/--endtime ({end})"
+                         + (" (with -s, -S defaults to now)" if states is not None and not args.starttime else ""))
     return report.Query(job_ids=frozenset(job_ids) if job_ids else None, users=users,
                         accounts=_names(args.accounts, "-A/--accounts"),
                         partitions=_names(args.partition, "-r/--partition"),
                         nodes=_names(args.nodelist, "-N/--nodelist"), states=frozenset(states) if states else None,
-                        start=start, end=end)
+                        start=start, end=end, billing=billing)
 
 
 def _live_overlay(cfg: config_mod.Config, records: Iterator[report.JobRecord]) -> Iterator[report.JobRecord]:
@@ -310,6 +352,8 @@ def report_main(argv: Sequence[str] | None = None) -> None:
         modes = [m for m in ("parsable", "parsable2", "json", "csv") if getattr(args, m)]
         if len(modes) > 1:
             raise UsageError(f"{prog}: choose one of -p, -P, --json, --csv")
+        if args.json and args.units:
+            raise UsageError(f"{prog}: --units cannot be used with --json (JSON always has exact byte counts)")
         group_by: tuple[str, ...] | None = None
         if args.group_by:
             group_by = tuple(k.strip().lower() for k in args.group_by.split(","))
@@ -317,26 +361,28 @@ def report_main(argv: Sequence[str] | None = None) -> None:
             if bad or len(set(group_by)) != len(group_by):
                 raise UsageError(f"{prog}: --group-by: {args.group_by!r}: keys are {', '.join(report.GROUP_BY)}, each once")
         cfg = config_mod.load()
-        rates = None
-        if args.rates is not None:
-            from . import rates as rates_mod
-            rates = rates_mod.load(args.rates)
         paths = list(args.db or [])
         for d in args.db_dir or []:
             paths += report.databases_in(d)
         if not paths:
             paths = [cfg.db_for(naming.default_node())]
-        query = build_query(args, cfg)
+        query = build_query(args, cfg, billing=bool(group_by) or args.rates is not None)
         sources = report.unique_sources(paths)
+        check_private_jobs(cfg, query, sources)
         classes = report.classes_in(sources)
         for k in cfg.class_names:
             if k not in classes:
                 classes.append(k)
+        rates = None
+        if args.rates is not None:
+            from . import rates as rates_mod
+            rates = rates_mod.load(args.rates, classes)
         if args.helpformat:
             print(" ".join(render.available(classes, group_by, rates)))
             return
         cols = render.columns(args.format, classes, group_by, rates)
-        records = _live_overlay(cfg, report.iter_jobs(sources, query, classes))
+        notes = report.Notes()
+        records = _live_overlay(cfg, report.iter_jobs(sources, query, classes, notes))
         decimals = rates.decimals if rates else 2
         total = None
         rows: Iterator[object]
@@ -344,7 +390,7 @@ def report_main(argv: Sequence[str] | None = None) -> None:
             if _is_local_only(cfg, sources):
                 groups = report.aggregate(records, group_by, rates)
             else:  # node databases elsewhere: no live counters to add, so split the work
-                groups = report.aggregate_parallel(sources, query, classes, group_by, rates)
+                groups = report.aggregate_parallel(sources, query, classes, group_by, rates, notes=notes)
             if rates is not None:
                 total = sum((g.cost for g in groups), Decimal(0))
             rows = iter(groups)
@@ -374,6 +420,9 @@ def report_main(argv: Sequence[str] | None = None) -> None:
                 total = sum((r.cost for r in rows_list), Decimal(0))  # type: ignore[attr-defined]
                 rows = iter(rows_list)
             render.write_table(out, rows, cols, not args.noheader, args.units, decimals, total)
+        out.flush()
+        for line in notes.lines():  # never on stdout: scripts parse it
+            print(f"{prog}: {line}", file=sys.stderr)
     except NetacctError as exc:
         sys.exit(_fail(prog, exc))
     except BrokenPipeError:  # `netacct-report ... | head`

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -14,16 +15,19 @@ UNITS = {"GB": 10**9, "GiB": 2**30, "TB": 10**12, "TiB": 2**40, "MB": 10**6, "Mi
 _KEY = re.compile(r"([a-z][a-z0-9_]{0,15})_(in|out)")
 
 
-def load(path: Path) -> Rates:
-    """Parse a rates file; ConfigError naming the key on any problem.
+def load(path: Path, classes: Sequence[str]) -> Rates:
+    """Parse a rates file for a report over `classes`; ConfigError naming the key on any problem.
 
         currency = "EUR"        # a label for the Cost column (optional)
         unit = "GB"             # price unit: GB (10^9 bytes, default), GiB, TB, TiB, MB, MiB
         decimals = 2            # costs are rounded half-up to this many decimals
-        [price]                 # per unit, for <class>_<in|out>; a missing key costs 0
+        [price]                 # per unit, for <class>_<in|out>: every class, both directions
         lan_in = 0
         wan_out = "0.09"        # strings keep exact decimals; numbers are read as written
-    """
+
+    `classes` are the traffic classes of the report (the configured ones and any other a
+    database holds): a key for another class is an error (a misspelt class would cost 0),
+    and so is a class or direction without a key (a rate of 0 must be written as 0)."""
     try:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
@@ -60,5 +64,13 @@ def load(path: Path) -> Rates:
             raise ConfigError(f"rates file {path}: key 'price.{key}': {value!r} is not a number") from None
         if not price.is_finite() or price < 0:
             raise ConfigError(f"rates file {path}: key 'price.{key}': must be a non-negative number")
+        if m.group(1) not in classes:
+            raise ConfigError(f"rates file {path}: key 'price.{key}': {m.group(1)!r} is not a traffic class "
+                              f"(known: {', '.join(classes)})")
         prices[(m.group(1), m.group(2))] = price
+    for klass in classes:
+        for direction in ("in", "out"):
+            if (klass, direction) not in prices:
+                raise ConfigError(f"rates file {path}: key 'price.{klass}_{direction}' is missing: every class "
+                                  "and direction needs a price (a rate of 0 must be written as 0)")
     return Rates(prices=prices, unit_bytes=UNITS[unit], decimals=decimals, currency=currency)

@@ -94,7 +94,16 @@ def overlay_live(rec: JobRecord, node: str, traffic: dict[str, dict[str, int]]) 
 
 @dataclass(frozen=True)
 class Query:
-    """Which jobs to report; None means no restriction. Times are UTC ISO strings."""
+    """Which jobs to report; None means no restriction. Times are UTC ISO strings.
+
+    The window [start, end] (both inclusive) selects as sacct does: without states, jobs whose
+    run overlaps it; with states, jobs that were in one of them during it — `running`: the job
+    ran at some time in the window (it may have ended since), a terminal state: the job is in
+    it and ended in the window.
+
+    With `billing` (--rates, --group-by) each job belongs to the period in which it ended: only
+    jobs that have ended, within the window, are selected (running jobs are not billed), so
+    consecutive windows never count a job twice."""
 
     job_ids: frozenset[int] | None = None
     users: frozenset[str] | None = None
@@ -102,21 +111,43 @@ class Query:
     partitions: frozenset[str] | None = None
     nodes: frozenset[str] | None = None
     states: frozenset[str] | None = None
-    start: str | None = None  # jobs still running at or after this time
-    end: str | None = None  # jobs started at or before this time
+    start: str | None = None
+    end: str | None = None
     id_range: tuple[int, int] | None = None  # job ids from..to (to split work between processes)
+    billing: bool = False  # select ended jobs by their end (see above)
 
-    def wants(self, rec: JobRecord) -> bool:
-        """The job-level filters (a job's nodes, state and time span are known only merged)."""
-        if self.nodes is not None and not self.nodes.intersection(rec.nodes):
-            return False
-        if self.states is not None and rec.state not in self.states:
-            return False
+    def _ran_in_window(self, rec: JobRecord) -> bool:
         if self.end is not None and (rec.start is None or rec.start > self.end):
             return False
         if self.start is not None and rec.end is not None and rec.end < self.start:
             return False
         return True
+
+    def _ended_in_window(self, rec: JobRecord) -> bool:
+        return (rec.end is not None and (self.start is None or rec.end >= self.start)
+                and (self.end is None or rec.end <= self.end))
+
+    def _in_state(self, rec: JobRecord, state: str) -> bool:
+        if state == "running":
+            return rec.start is not None and self._ran_in_window(rec)
+        return rec.state == state and self._ended_in_window(rec)
+
+    def _listed(self, rec: JobRecord) -> bool:
+        if self.nodes is not None and not self.nodes.intersection(rec.nodes):
+            return False
+        if self.states is None:
+            return self._ran_in_window(rec)
+        return any(self._in_state(rec, s) for s in self.states)
+
+    def wants(self, rec: JobRecord) -> bool:
+        """The job-level filters (a job's nodes, state and time span are known only merged)."""
+        if self.billing and (rec.state == "running" or not self._ended_in_window(rec)):
+            return False
+        return self._listed(rec)
+
+    def unbilled(self, rec: JobRecord) -> bool:
+        """A running job that billing leaves out but a listing with the same flags would show."""
+        return self.billing and rec.state == "running" and self._listed(rec)
 
 
 def unique_sources(paths: Iterable[Path]) -> list[Path]:
@@ -166,6 +197,25 @@ def classes_in(paths: Iterable[Path]) -> list[str]:
         conn = _open_ro(path)
         try:
             found.update(c for (c,) in conn.execute("SELECT DISTINCT class FROM traffic"))
+        except sqlite3.Error as exc:
+            raise StoreError(f"database {path}: {exc}") from None
+        finally:
+            conn.close()
+    return sorted(found)
+
+
+def others_jobs(paths: Iterable[Path], job_ids: frozenset[int], user: str) -> list[int]:
+    """Those of `job_ids` that a database holds for someone other than `user`, sorted."""
+    found: set[int] = set()
+    ids = sorted(job_ids)
+    for path in paths:
+        conn = _open_ro(path)
+        try:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                found.update(j for (j,) in conn.execute(
+                    f"SELECT DISTINCT job_id FROM jobs WHERE job_id IN ({','.join('?' * len(chunk))}) "
+                    "AND user IS NOT ?", [*chunk, user]))
         except sqlite3.Error as exc:
             raise StoreError(f"database {path}: {exc}") from None
         finally:
@@ -249,34 +299,104 @@ def _build(rows: list[_Row], classes: list[str]) -> JobRecord:
     return rec
 
 
-def iter_jobs(paths: Iterable[Path], query: Query = Query(), classes: list[str] | None = None) -> Iterator[JobRecord]:
+@dataclass
+class Notes:
+    """What a report's reader must be told besides its rows (the command prints it on stderr)."""
+
+    differing: int = 0  # reported (job, node, run) rows whose copies in several databases disagree
+    first_differing: tuple[int, str] | None = None  # (job id, node) of the first of them
+    unbilled_running: int = 0  # running jobs a billing query selected but left out (no end yet)
+
+    def add_differing(self, count: int, first: tuple[int, str]) -> None:
+        self.differing += count
+        if self.first_differing is None or first < self.first_differing:
+            self.first_differing = first
+
+    def merge(self, other: "Notes") -> None:
+        """Add the notes of another part of the same report (a worker's job-id range)."""
+        if other.first_differing is not None:
+            self.add_differing(other.differing, other.first_differing)
+        self.unbilled_running += other.unbilled_running
+
+    def lines(self) -> list[str]:
+        """One line each, without the program's name."""
+        out: list[str] = []
+        if self.first_differing is not None:
+            job, node = self.first_differing
+            out.append(f"warning: {self.differing} job rows differ between database copies "
+                       f"(first: job {job} on {node}); the most final copy is used")
+        if self.unbilled_running:
+            out.append(f"note: {self.unbilled_running} running jobs are not billed "
+                       "(a job is billed in the period it ends)")
+        return out
+
+
+def _finality(row: _Row) -> tuple[int, str]:
+    """How final a copy of a node row is: any terminal state over running; then the later
+    end (terminal) or the later sample (running)."""
+    if row[8] == "running":
+        return (0, row[9] or "")
+    return (1, row[7] or "")
+
+
+def _final_rows(rows: Iterable[_Row]) -> Iterator[tuple[_Row, bool]]:
+    """One row per (job, node, run) of rows in key order: its most final copy (ties: the
+    first), and whether the copies disagreed (state or traffic)."""
+    best: _Row | None = None
+    differs = False
+    for row in rows:
+        if best is not None and row[0] == best[0] and row[1] == best[1] and row[2] == best[2]:
+            if not differs and (row[8] != best[8] or row[10:] != best[10:]):
+                differs = True
+            if _finality(row) > _finality(best):
+                best = row
+            continue
+        if best is not None:
+            yield best, differs
+        best, differs = row, False
+    if best is not None:
+        yield best, differs
+
+
+def iter_jobs(paths: Iterable[Path], query: Query = Query(), classes: list[str] | None = None,
+              notes: Notes | None = None) -> Iterator[JobRecord]:
     """Job records merged over all databases, ordered by job id, in constant memory.
 
     Each database yields its rows in (job id, node, restart) order; a k-way merge groups
-    them by job. A row seen twice (two copies of one node's database) is counted once.
-    """
+    them by job. A row found in several databases (copies of one node's database, an old
+    one among them) is taken once, from its most final copy; `notes` counts the reported
+    rows whose copies disagreed."""
     sources = unique_sources(paths)
     if classes is None:
         classes = classes_in(sources)
+    if notes is None:
+        notes = Notes()
     merged = heapq.merge(*(_node_rows(p, query, classes) for p in sources), key=_KEY)
     group: list[_Row] = []
-    last_key: tuple[int, str, int] | None = None
+    differing: list[str] = []  # nodes of the group's rows whose copies disagreed
     wants = query.wants
-    for row in merged:
-        key = (row[0], row[1], row[2])
-        if key == last_key:
-            continue  # the same node row from another copy of the database
+    for row, differs in _final_rows(merged):
         if group and group[0][0] != row[0]:
             rec = _build(group, classes)
             if wants(rec):
+                if differing:
+                    notes.add_differing(len(differing), (rec.job_id, differing[0]))
                 yield rec
+            elif query.unbilled(rec):
+                notes.unbilled_running += 1
             group = []
-        last_key = key
+            differing = []
         group.append(row)
+        if differs:
+            differing.append(row[1])
     if group:
         rec = _build(group, classes)
         if wants(rec):
+            if differing:
+                notes.add_differing(len(differing), (rec.job_id, differing[0]))
             yield rec
+        elif query.unbilled(rec):
+            notes.unbilled_running += 1
 
 
 def load(paths: Iterable[Path], job_ids: set[int] | None = None) -> list[JobRecord]:
@@ -311,8 +431,8 @@ def group_keys(rec: JobRecord, by: tuple[str, ...]) -> list[tuple[tuple[str, ...
     """(group key, the traffic vector that goes to it) for one job; a job may feed several nodes."""
     scalar: list[str] = []
     for b in by:
-        if b in ("day", "month"):
-            scalar.append((rec.start or "")[:10 if b == "day" else 7])
+        if b in ("day", "month"):  # of the end: a job is billed in the period it ends
+            scalar.append((rec.end or "")[:10 if b == "day" else 7])
         elif b != "node":
             scalar.append(getattr(rec, b) or "(none)")
     if "node" not in by:
@@ -338,14 +458,17 @@ def aggregate(records: Iterable[JobRecord], by: tuple[str, ...], rates: "Rates |
     return [groups[k] for k in sorted(groups)]
 
 
-def _aggregate_part(args: tuple[list[Path], Query, list[str], tuple[str, ...]]) -> list[tuple[tuple[str, ...], int, list[int]]]:
+def _aggregate_part(args: tuple[list[Path], Query, list[str], tuple[str, ...]]
+                    ) -> tuple[list[tuple[tuple[str, ...], int, list[int]]], Notes]:
     sources, query, classes, by = args
-    return [(g.key, g.jobs, g.vec) for g in aggregate(iter_jobs(sources, query, classes), by)]
+    notes = Notes()
+    groups = aggregate(iter_jobs(sources, query, classes, notes), by)
+    return [(g.key, g.jobs, g.vec) for g in groups], notes
 
 
 def aggregate_parallel(sources: list[Path], query: Query, classes: list[str], by: tuple[str, ...],
                        rates: "Rates | None" = None, workers: int | None = None,
-                       min_span: int = 10_000) -> list[Group]:
+                       min_span: int = 10_000, notes: Notes | None = None) -> list[Group]:
     """aggregate() over iter_jobs(), split by job-id range over worker processes.
 
     Every job falls into exactly one range, so each worker merges whole jobs; the partial
@@ -364,7 +487,7 @@ def aggregate_parallel(sources: list[Path], query: Query, classes: list[str], by
             lo = a if lo is None else min(lo, a)
             hi = b if hi is None else max(hi, b)
     if lo is None or hi is None or workers < 2 or hi - lo < min_span:
-        return aggregate(iter_jobs(sources, query, classes), by, rates)
+        return aggregate(iter_jobs(sources, query, classes, notes), by, rates)
     step = (hi - lo) // workers + 1
     parts = []
     for i in range(workers):
@@ -377,7 +500,9 @@ def aggregate_parallel(sources: list[Path], query: Query, classes: list[str], by
     with multiprocessing.get_context("fork").Pool(len(parts)) as pool:
         results = pool.map(_aggregate_part, parts)
     groups: dict[tuple[str, ...], Group] = {}
-    for part in results:
+    for part, part_notes in results:
+        if notes is not None:
+            notes.merge(part_notes)
         for key, jobs, vec in part:
             g = groups.get(key)
             if g is None:

@@ -2,7 +2,8 @@
 
 Accepted (as sacct(1) documents them):
   HH:MM[:SS][AM|PM]                   today at that time
-  MMDD[YY][-HH:MM[:SS]]               e.g. 1125, 112526, 1125-14:30
+  MMDD[YY][-HH:MM[:SS]]               e.g. 1125, 112526, 1125-14:30; without YY a month later
+                                      than the current one is last year's (as in sacct)
   MM.DD[.YY][-HH:MM[:SS]]
   MM/DD[/YY][-HH:MM[:SS]]
   YYYY-MM-DD[THH:MM[:SS]]
@@ -37,10 +38,16 @@ def _hms(text: str) -> tuple[int, int, int]:
     return h, mi, s
 
 
-def _year(yy: str | None, now: datetime) -> int:
-    if yy is None:
-        return now.year
-    return 2000 + int(yy) if len(yy) == 2 else int(yy)
+def _year(yy: str | None, month: int, now: datetime) -> int:
+    """The year of a date: as given (YY is 20YY), else sacct's rule for a date without one.
+
+    sacct reads -S and -E with parse_time(text, past=1) (SLURM src/sacct/options.c); for a
+    date without a year, parse_time (src/common/parse_time.c) takes last year if the month is
+    later than the current month, else this year (the current month included, whatever the
+    day): on 2026-11-30, 1201 is 2025-12-01 and 1115 is 2026-11-15."""
+    if yy is not None:
+        return 2000 + int(yy) if len(yy) == 2 else int(yy)
+    return now.year - 1 if month > now.month else now.year
 
 
 def parse(text: str, now: datetime | None = None) -> datetime:
@@ -79,7 +86,8 @@ def _parse(text: str, now: datetime) -> datetime:
         m = re.fullmatch(r"(\d{1,2})[./](\d{1,2})(?:[./](\d{2}|\d{4}))?(?:-(.+))?", t, re.ASCII)
     if m:
         h, mi, s = _hms(m.group(4)) if m.group(4) else (0, 0, 0)
-        return datetime(_year(m.group(3), now), int(m.group(1)), int(m.group(2)), h, mi, s)
+        month = int(m.group(1))
+        return datetime(_year(m.group(3), month, now), month, int(m.group(2)), h, mi, s)
     if re.fullmatch(r"\d{1,2}:\d{2}(?::\d{2})?\s*([AaPp][Mm])?", t, re.ASCII):
         h, mi, s = _hms(t)
         return now.replace(hour=h, minute=mi, second=s, microsecond=0)

@@ -412,3 +412,34 @@ def test_link_settings_without_ipv6_in_the_kernel() -> None:
     assert len(only_v6.sent) == 1 and not _has_af(only_v6.sent[0], socket.AF_INET)
     with pytest.raises(OSError, match="Operation not permitted"):
         netns.link_settings(_Kernel(lambda req: errno.EPERM), 7, route_localnet=False)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- sacct time formats
+
+@pytest.mark.parametrize("now, text, want", [
+    # sacct reads -S/-E with parse_time(..., past=1): a date without a year whose month is
+    # later than the current one is last year's; any other month (this one included) is this year's.
+    ("2026-11-30T12:00:00", "1201", "2025-12-01T00:00:00"),
+    ("2026-11-30T12:00:00", "12/01", "2025-12-01T00:00:00"),
+    ("2026-11-30T12:00:00", "12.01-08:00", "2025-12-01T08:00:00"),
+    ("2026-11-30T12:00:00", "12/1-08:00:30", "2025-12-01T08:00:30"),
+    ("2026-11-30T12:00:00", "1130", "2026-11-30T00:00:00"),
+    ("2026-11-30T12:00:00", "1115-23:00", "2026-11-15T23:00:00"),
+    ("2026-11-10T12:00:00", "1125", "2026-11-25T00:00:00"),  # this month, a later day: this year (as sacct)
+    ("2026-11-30T12:00:00", "0105", "2026-01-05T00:00:00"),
+    ("2026-11-30T12:00:00", "120126", "2026-12-01T00:00:00"),  # a year given is kept
+    ("2026-11-30T12:00:00", "12/01/25", "2025-12-01T00:00:00"),
+    ("2027-01-02T00:30:00", "1231", "2026-12-31T00:00:00"),
+    ("2027-01-02T00:30:00", "12.31-23:59:59", "2026-12-31T23:59:59"),
+    ("2027-01-02T00:30:00", "0102", "2027-01-02T00:00:00"),
+    ("2027-01-02T00:30:00", "0103", "2027-01-03T00:00:00"),
+    ("2026-12-31T23:59:00", "1231", "2026-12-31T00:00:00"),
+    ("2026-12-31T23:59:00", "0101", "2026-01-01T00:00:00"),
+    ("2026-12-31T23:59:00", "23:59:30", "2026-12-31T23:59:30"),  # a time alone: today, even if later
+])
+def test_dates_without_a_year_follow_sacct(now: str, text: str, want: str) -> None:
+    """Was: always the current year (`-S 1201` on 2026-11-30 meant tomorrow's date)."""
+    from datetime import datetime
+
+    from slurm_netacct import timeparse
+    assert timeparse.parse(text, datetime.fromisoformat(now)) == datetime.fromisoformat(want)
