@@ -9,4 +9,4 @@ here=${0%/*}
 [ -L "$0" ] && here=$(dirname "$(readlink -f "$0")")
 py=${NETACCT_PYTHON:-$here/.venv/bin/python}
 [ -x "$here/client/netacct-hook" ] && exec "$here/client/netacct-hook" prolog "$py"
-exec "$py" -m slurm_netacct.hooks prolog
+exec "$py" -m slurm_netacct.cli.hooks prolog

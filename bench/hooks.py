@@ -109,7 +109,7 @@ class Bench:
 
     def read_all_ms(self) -> float:
         code = ("import sys, time, statistics; from pathlib import Path; "
-                "from slurm_netacct import config, sample, netns; "
+                "from slurm_netacct import config; from slurm_netacct.node import sample; from slurm_netacct.kernel import netns; "
                 f"netns.setns(Path('/run/netns/{self.topo.node}')); cfg = config.load('{self.cfg}'); "
                 "ts = []\n"
                 "for _ in range(5):\n"

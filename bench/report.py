@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from slurm_netacct import store  # noqa: E402
+from slurm_netacct.store import db as store  # noqa: E402
 
 RATES = '[price]\nlan_in = "0.001"\nlan_out = "0.002"\nwan_in = "0.01"\nwan_out = "0.09"\n'
 

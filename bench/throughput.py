@@ -29,7 +29,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from topology import LAN4, UPLINK, Topology  # noqa: E402
 
-from slurm_netacct import config, lifecycle, store  # noqa: E402
+from slurm_netacct import config  # noqa: E402
+from slurm_netacct.node import lifecycle  # noqa: E402
+from slurm_netacct.store import db as store  # noqa: E402
 from slurm_netacct.log import setup as setup_log  # noqa: E402
 
 IPERF_PORT = 5201
@@ -94,7 +96,7 @@ def main() -> int:
             # The node side of setup must happen inside the sandbox node: join it for good.
             pid = os.fork()
             if pid == 0:
-                from slurm_netacct.netns import setns
+                from slurm_netacct.kernel.netns import setns
                 setns(Path(f"/run/netns/{topo.node}"))
                 res = run_backend(cfg, cfgp, args)
                 (work / f"{backend}.json").write_text(json.dumps(res))
@@ -158,7 +160,7 @@ def run_backend(cfg: config.Config, cfg_path: Path, args: argparse.Namespace) ->
     t_setup = time.perf_counter() - t0
     jobn = measure(job_prefix, args.seconds, args.reps)
     print(f"{cfg.firewall}: job/{args.jobs} {jobn / 1e9:.2f} Gbit/s (loading took {t_setup:.1f} s)", flush=True)
-    from slurm_netacct import sample
+    from slurm_netacct.node import sample
     reads, samples = [], []
     for _ in range(5):
         t0 = time.perf_counter()

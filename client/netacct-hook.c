@@ -8,7 +8,7 @@
  * default /run/slurm-netacct/daemon.sock), waits for "RC MESSAGE", prints MESSAGE on
  * stderr and exits RC. If the daemon is not there, does not answer within
  * $NETACCT_TIMEOUT seconds (default 30) or answers 75 ("do it yourself"), it execs
- * PYTHON -m slurm_netacct.hooks OP, which does the same work in-process: no job fails
+ * PYTHON -m slurm_netacct.cli.hooks OP, which does the same work in-process: no job fails
  * because the daemon is down. An answer that is not exactly "RC MESSAGE\n" with RC a
  * decimal from 0 to 255 is treated like no answer: the hook runs itself (it is idempotent,
  * whatever the daemon may have done). Standard C library only.
@@ -68,7 +68,7 @@ static int parse_answer(char *reply, size_t len, char **msg)
 
 static void fallback(const char *op, const char *python)
 {
-	char *argv[] = { (char *) python, "-m", "slurm_netacct.hooks", (char *) op, NULL };
+	char *argv[] = { (char *) python, "-m", "slurm_netacct.cli.hooks", (char *) op, NULL };
 
 	execv(python, argv);
 	fprintf(stderr, "netacct-%s: cannot run %s: %s\n", op, python, strerror(errno));

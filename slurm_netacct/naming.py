@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from .errors import SetupError
 
 # SLURM job ids are uint32; 0xfffffffe (NO_VAL) and 0xffffffff (INFINITE) are sentinels.
 MAX_JOB_ID = 0xFFFFFFFD
 IFNAMSIZ = 16  # including the trailing NUL: interface names have at most 15 characters
 JOB_IFNAME = "eth0"  # the job's end of the veth pair, inside the job's namespace
 NFT_TABLE = "netacct"  # the accounting table inside each job namespace (family inet)
+NFT_COUNT_CHAINS = {"out": "count_out", "in": "count_in"}  # its counting chains, per direction
+NFT_DNS_CHAINS = ("dns_out", "dns_post")  # its DNS redirect to a loopback resolver (nat)
 NODE_NFT_TABLE = "netacct_node"  # the node-side NAT table (one per node, shared by all jobs)
+NODE_NFT_CHAINS = ("postrouting", "dns")  # its masquerading and its DNS redirect
 IPT_CHAIN_PREFIX = "NETACCT"  # iptables chains: NETACCT_OUT, NETACCT_IN, NETACCT_<CLASS>_<DIR>
+
+# Files of the running node (tmpfs: gone at boot, as the namespaces they describe are).
+RUN_DIR = Path("/run/slurm-netacct")
+LOCK_DIR = RUN_DIR / "locks"  # job locks: stripe-<job id mod LOCK_STRIPES>
+LOCK_STRIPES = 256
+DAEMON_SOCKET = RUN_DIR / "daemon.sock"  # netacct-daemon's; client/netacct-hook.c's DEFAULT_SOCKET
+SPOOL_SUFFIX = ".json"  # a spooled record: <node>.<job id>.<restart>.json in spool_dir
 
 _JOB_ID_RE = re.compile(r"[1-9][0-9]{0,9}")
 MAX_PREFIX_LEN = 32  # characters of netns_prefix as written (%h counts 2); the C side's NETACCT_PREFIX_MAX
@@ -123,8 +139,67 @@ def nft_set(run: int, klass: str, version: int) -> str:
     return f"r{run}_{klass}_v{version}"
 
 
+def node_mark(netns_inode: int, ruleset: str) -> Path:
+    """The file that says "this node namespace has this node ruleset" (cleared at boot)."""
+    return RUN_DIR / f"node-{netns_inode}-{hashlib.sha256(ruleset.encode()).hexdigest()[:16]}"
+
+
+def node_marks_glob(netns_inode: int) -> str:
+    """The glob (in RUN_DIR) of every node mark of one node namespace."""
+    return f"node-{netns_inode}-*"
+
+
+def lock_path(job_id: int) -> Path:
+    """The lock file serialising work on a job (a fixed set: nothing accumulates in /run)."""
+    return LOCK_DIR / f"stripe-{job_id % LOCK_STRIPES}"
+
+
+def spool_token(node: str) -> str:
+    """The node's part of a spool file name: the name itself if it is file-name safe."""
+    if valid_host_name(node) and "." not in node:
+        return node
+    return "node-" + hashlib.sha256(node.encode()).hexdigest()[:16]
+
+
+def spool_name(node: str, job_id: int, restart: int) -> str:
+    """The spool file of one run of one job on one node (one file per key)."""
+    return f"{spool_token(node)}.{job_id}.{restart}{SPOOL_SUFFIX}"
+
+
 def ipt_chain(suffix: str) -> str:
     """iptables chain name (x_tables allows 28 characters)."""
     name = f"{IPT_CHAIN_PREFIX}_{suffix}".upper()
     assert len(name) <= 28, name
     return name
+
+
+class _NameConfig(Protocol):
+    """What JobNames needs of the configuration (config.Config has it)."""
+
+    netns_prefix: str
+    netns_dir: Path
+    ifname_prefix: str
+
+
+@dataclass(frozen=True)
+class JobNames:
+    """Every name of one job's objects on a node, derived in one place."""
+
+    job_id: int
+    netns: str  # the namespace's file name in netns_dir
+    netns_path: Path
+    host_if: str  # the node's end of the job's veth pair
+
+    @classmethod
+    def of(cls, cfg: _NameConfig, job_id: int, host: str | None = None) -> "JobNames":
+        """The names a prolog gives the job (host: for %h in netns_prefix; default this host's)."""
+        try:
+            name = netns_name(cfg.netns_prefix, job_id, host)
+        except ValueError as exc:
+            raise SetupError(str(exc)) from None
+        return cls.stored(cfg, job_id, name)
+
+    @classmethod
+    def stored(cls, cfg: _NameConfig, job_id: int, netns: str) -> "JobNames":
+        """The names of a job whose namespace name the prolog recorded (its %h may differ)."""
+        return cls(job_id, netns, cfg.netns_dir / netns, host_ifname(cfg.ifname_prefix, job_id))

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from slurm_netacct import accounting, config, naming
+from slurm_netacct import config, counting, naming
+from slurm_netacct.traffic import Counters
 from topology import UPLINK, Topology, in_ns
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +125,7 @@ class Node:
     def hook(self, which: str, job_id: int | str, direct: bool = False,
              **extra: str) -> subprocess.CompletedProcess[str]:
         """Run the real prolog/epilog executable (direct: the Python module, keeping PATH)."""
-        argv = [sys.executable, "-m", "slurm_netacct.hooks", which] if direct else [str(ROOT / which)]
+        argv = [sys.executable, "-m", "slurm_netacct.cli.hooks", which] if direct else [str(ROOT / which)]
         if which == "prolog":
             try:
                 self.started.add(int(job_id))
@@ -160,9 +161,8 @@ class Node:
     def traffic(self, job_id: int, *args: str) -> str:
         return self.run_in_job(job_id, sys.executable, str(ROOT / "tests" / "traffic.py"), *args).stdout
 
-    def live(self, job_id: int) -> accounting.Counters:
-        be = accounting.Iptables() if self.backend == "iptables" else accounting.Nftables()
-        return be.read(self.cfg, self.netns_path(job_id))
+    def live(self, job_id: int) -> Counters:
+        return counting.named(self.backend).read(self.cfg, naming.JobNames.of(self.cfg, job_id))
 
     def report(self, *args: str) -> Any:
         r = subprocess.run([str(VENV_BIN / "netacct-report"), "--json", "--db", str(self.db), *args],

@@ -305,7 +305,6 @@ class SlurmCluster:
 
     def conf_settings(self) -> dict[str, str]:
         """The harness's slurm.conf settings (without node/partition lines), before extras."""
-        w = self.workdir
         return {
             "ClusterName": self.cluster_name,
             "SlurmctldHost": f"{self.controller_hostname}({self.controller_addr})",

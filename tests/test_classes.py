@@ -22,7 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import TAG, Node, project_leftovers
-from slurm_netacct import accounting, config, netns
+from slurm_netacct import config, counting, naming
+from slurm_netacct.kernel import links, netns
+from slurm_netacct.node.plan import NodePlan
+from slurm_netacct.traffic import Count, Counters
 from topology import LAN4, LAN6, PORT, Topology, sh
 
 # ----------------------------------------------------------------------------- real traffic
@@ -156,17 +159,20 @@ class Lab:
     def drop_job(self) -> None:
         if os.path.lexists(self.job_path):
             with netns.entered(self.node_path):
-                netns.delete_link(self.NODE_IF)
+                links.delete_link(self.NODE_IF)
             netns.remove(self.job_path)
 
-    def make_job(self, cfg: config.Config, be: accounting.Backend) -> "JobEnds":
-        plan = accounting.NodePlan(node="n1", uplink="lo", pool4=cfg.pool_ipv4, pool6=cfg.pool_ipv6)
-        addrs = netns.JobAddresses(ipv4=plan.pool4[2], gateway4=plan.gateway4,
+    def job(self, cfg: config.Config) -> naming.JobNames:
+        return naming.JobNames(1, self.job_path.name, self.job_path, self.NODE_IF)
+
+    def make_job(self, cfg: config.Config, be: counting.Counter) -> "JobEnds":
+        plan = NodePlan(node="n1", uplink="lo", pool4=cfg.pool_ipv4, pool6=cfg.pool_ipv6)
+        addrs = links.JobAddresses(ipv4=plan.pool4[2], gateway4=plan.gateway4,
                                    ipv6=plan.pool6[2] if plan.pool6 else None)
         with netns.entered(self.node_path):
             netns.create(self.job_path)
-            netns.build_link(self.job_path, self.NODE_IF, "eth0", addrs)
-        be.install(cfg, self.job_path, plan)
+            links.build_link(self.job_path, self.NODE_IF, "eth0", addrs)
+            be.install(cfg, self.job(cfg), plan)
         return JobEnds(self, addrs)
 
 
@@ -189,7 +195,7 @@ class JobEnds:
     PORT = 9
     PAYLOAD = b"x" * 32
 
-    def __init__(self, lab: Lab, addrs: netns.JobAddresses) -> None:
+    def __init__(self, lab: Lab, addrs: links.JobAddresses) -> None:
         self.addrs = addrs
         with netns.entered(lab.job_path):  # sockets stay bound to the namespace they were made in
             self.out4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -258,11 +264,11 @@ def lab() -> Iterator[Lab]:
         lab_.close()
 
 
-def _charged(before: accounting.Counters, after: accounting.Counters, direction: str) -> dict[str, tuple[int, int]]:
+def _charged(before: Counters, after: Counters, direction: str) -> dict[str, tuple[int, int]]:
     """The counters of one direction that moved: class -> (packets, bytes)."""
     out = {}
     for (klass, d), c in after.items():
-        b = before.get((klass, d), accounting.Count())
+        b = before.get((klass, d), Count())
         if d == direction and (c.packets, c.bytes) != (b.packets, b.bytes):
             out[klass] = (c.packets - b.packets, c.bytes - b.bytes)
     return out
@@ -270,20 +276,22 @@ def _charged(before: accounting.Counters, after: accounting.Counters, direction:
 
 def _check_classification(lab: Lab, backend_name: str, data: dict[str, Any], draw: st.DrawFn) -> None:
     cfg = config.parse(data)
-    be: accounting.Backend = accounting.Iptables() if backend_name == "iptables" else accounting.Nftables()
+    be = counting.named(backend_name)
     ends = lab.make_job(cfg, be)
+    job = lab.job(cfg)
     try:
         for addr in _addresses(data, draw):
             want = first_match(data, addr)
-            before = be.read(cfg, lab.job_path)
+            before = be.read(cfg, job)
             size = ends.send_out(addr)
-            after = be.read(cfg, lab.job_path)
+            after = be.read(cfg, job)
             assert _charged(before, after, "out") == {want: (1, size)}, f"to {addr}: expected {want}"
             size = ends.send_in(addr)
-            final = be.read(cfg, lab.job_path)
+            final = be.read(cfg, job)
             assert _charged(after, final, "in") == {want: (1, size)}, f"from {addr}: expected {want}"
     finally:
         ends.close()
+        be.remove(job)
         lab.drop_job()
 
 

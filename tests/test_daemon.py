@@ -148,7 +148,7 @@ def test_daemon_memory_stays_flat(dnode: Node) -> None:
 
 _MALLOC_PROBE = """
 import ctypes, sys
-from slurm_netacct.daemon import pin_malloc_thresholds
+from slurm_netacct.node.daemon import pin_malloc_thresholds
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
                                                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]

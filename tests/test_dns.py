@@ -47,7 +47,7 @@ nsenter --net=/run/netns/{node.topo.node} {ROOT}/epilog
     # The redirect rules are the node's (one set for all jobs), in the backend's own form.
     if node.backend == "nftables":
         rules = in_ns(node.topo.node, "nft", "list", "table", "inet", "netacct_node").stdout
-        assert f"ip daddr 100.64.0.1 meta l4proto {{ tcp, udp }} th dport 53 dnat ip to 127.0.0.53" in rules
+        assert "ip daddr 100.64.0.1 meta l4proto { tcp, udp } th dport 53 dnat ip to 127.0.0.53" in rules
     else:  # python-iptables writes legacy x_tables
         rules = in_ns(node.topo.node, "iptables-legacy", "-t", "nat", "-S", "NETACCT_DNS").stdout
         for proto in ("udp", "tcp"):

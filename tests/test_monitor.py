@@ -19,8 +19,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, Node
-from slurm_netacct import accounting, exporter, lifecycle, sample, store
-from slurm_netacct.errors import NetacctError, SetupError
+from slurm_netacct import counting
+from slurm_netacct.node import exporter, sample
+from slurm_netacct.store import db as store
+from slurm_netacct.traffic import Counters, traffic_of
+from slurm_netacct.errors import ExportError, NetacctError, SetupError
 from topology import LAN4, PORT, WAN4
 
 NODE = "n1"
@@ -29,7 +32,7 @@ FAMILIES = {"netacct_job_bytes": "counter", "netacct_job_packets": "counter",
 
 
 def _live(node: Node, job: int) -> dict[str, dict[str, int]]:
-    return lifecycle.traffic_of(node.live(job), node.cfg)
+    return traffic_of(node.live(job), node.cfg.class_names)
 
 
 def _seen(node: Node) -> dict[str, dict[str, int]]:
@@ -64,7 +67,7 @@ def _send(node: Node, job: int, kind: str, host: str, n: int) -> None:
 
 
 def _run_cli(node: Node, func: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    code = f"from slurm_netacct.cli_monitor import {func}; {func}()"
+    code = f"from slurm_netacct.cli.{func} import main; main()"
     full = dict(os.environ, NETACCT_CONFIG=str(node.config_path), SLURMD_NODENAME=NODE)
     full.update(env)
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
@@ -137,12 +140,12 @@ def test_job_torn_down_while_its_counters_are_read_is_skipped(node: Node, monkey
     _send(node, job, "tcp-up", WAN4, 200_000)
     before = _seen(node)
     failed: list[NetacctError] = []
-    cls = accounting.Iptables if node.backend == "iptables" else accounting.Nftables
-    real_many = cls.read_many  # both backends read every namespace in one go
+    cls = type(counting.named(node.backend))
+    real_many = cls.read_many  # every way of counting reads all its jobs in one go
 
-    def end_then_read_many(self: Any, cfg: Any, paths: list[Path]) -> Any:
+    def end_then_read_many(self: Any, cfg: Any, jobs: list[Any]) -> Any:
         node.epilog(job)  # the namespace goes away under the reader
-        got = real_many(self, cfg, paths)
+        got = real_many(self, cfg, jobs)
         failed.extend(SetupError(v) for v in got.values() if isinstance(v, str))
         return got
 
@@ -161,16 +164,16 @@ def test_epilog_storing_first_wins_over_a_sample(node: Node, monkeypatch: pytest
     _send(node, job, "tcp-up", WAN4, 100_000)
     final: dict[str, dict[str, int]] = {}
     read: dict[str, dict[str, int]] = {}
-    real = lifecycle.traffic_of
+    real = traffic_of
 
-    def read_then_end(counters: accounting.Counters, cfg: Any) -> dict[str, dict[str, int]]:
-        read.update(real(counters, cfg))
+    def read_then_end(counters: Counters, classes: Any) -> dict[str, dict[str, int]]:
+        read.update(real(counters, classes))
         _send(node, job, "tcp-up", WAN4, 300_000)  # more traffic after the sampler's read ...
         final.update(_seen(node))
         node.epilog(job)  # ... and the epilog stores it before the sampler can
         return dict(read)
 
-    monkeypatch.setattr(lifecycle, "traffic_of", read_then_end)
+    monkeypatch.setattr(sample, "traffic_of", read_then_end)
     res = sample.sample_node(node.cfg, NODE)
     assert (res.sampled, res.skipped, res.errors) == (0, 1, 0)
     assert final["wan"]["out_bytes"] > read["wan"]["out_bytes"] + 300_000
@@ -202,7 +205,7 @@ def test_reading_many_namespaces_in_batches(nft_node: Node, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """nftread.read_tables joins one namespace after another and goes home once a batch:
     each answer belongs to its own path, errors stay with theirs, nothing stays open."""
-    from slurm_netacct import netns, nftread
+    from slurm_netacct.kernel import netns, nftread
 
     jobs = [6107, 6108, 6109, 6110]
     for job in jobs:
@@ -347,7 +350,7 @@ def test_textfile_write_failure_leaves_no_temporary_file(nft_node: Node, tmp_pat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(exporter.ExportError) as err:
+    with pytest.raises(ExportError) as err:
         exporter.write_textfile(nft_node.cfg, NODE, path)
     assert str(err.value) == f"cannot write {path}: No space left on device"
     assert err.value.exit_code == 10
@@ -387,18 +390,18 @@ def test_netacct_sample_command(nft_node: Node, tmp_path: Path) -> None:
     job = 6120
     nft_node.prolog(job)
     _send(nft_node, job, "tcp-up", WAN4, 100_000)
-    r = _run_cli(nft_node, "sample_main")
+    r = _run_cli(nft_node, "sample")
     assert (r.returncode, r.stdout, r.stderr) == (0, "n1: 1 sampled, 0 skipped, 0 errors\n", "")
     assert _stored(nft_node, job) == _seen(nft_node)
     assert _job(nft_node, job)[0] == "running"
-    r = _run_cli(nft_node, "sample_main", "--node", "n2")
+    r = _run_cli(nft_node, "sample", "--node", "n2")
     assert (r.returncode, r.stdout, r.stderr) == (0, "n2: 0 sampled, 0 skipped, 0 errors\n", "")
 
     # The counters vanish while the job still runs (an admin deleted its table): an error,
     # exit 7, one line on stderr; the epilog then records the job as lost, with that sample.
     ns = nft_node.netns_path(job)
     subprocess.run(["nsenter", f"--net={ns}", "nft", "delete", "table", "inet", "netacct"], check=True)
-    r = _run_cli(nft_node, "sample_main")
+    r = _run_cli(nft_node, "sample")
     assert r.returncode == 7
     assert r.stdout == "n1: 0 sampled, 0 skipped, 1 errors\n"
     assert r.stderr == f"netacct-sample: job {job}: counter lan_out is missing from {ns}\n"
@@ -407,12 +410,12 @@ def test_netacct_sample_command(nft_node: Node, tmp_path: Path) -> None:
     nft_node.epilog(job)
     assert _job(nft_node, job)[0] == "lost" and _stored(nft_node, job) == sampled
 
-    r = _run_cli(nft_node, "sample_main", "--bogus")
+    r = _run_cli(nft_node, "sample", "--bogus")
     assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1
     assert r.stderr.startswith("netacct-sample: unrecognized arguments: --bogus")
-    r = _run_cli(nft_node, "sample_main", "--node", "../x")
+    r = _run_cli(nft_node, "sample", "--node", "../x")
     assert (r.returncode, r.stderr) == (2, "netacct-sample: --node '../x' is not a valid node name\n")
-    r = _run_cli(nft_node, "sample_main", NETACCT_CONFIG=str(tmp_path / "missing.toml"))
+    r = _run_cli(nft_node, "sample", NETACCT_CONFIG=str(tmp_path / "missing.toml"))
     assert (r.returncode, r.stderr) == (3, f"netacct-sample: config file {tmp_path / 'missing.toml'} does not exist\n")
     nft_node.epilog(job)
 
@@ -424,23 +427,23 @@ def test_netacct_exporter_command(nft_node: Node, tmp_path: Path) -> None:
     expected = _expected({job: _seen(nft_node)}, {job: ("alice", "bio")})
 
     path = tmp_path / "netacct.prom"
-    r = _run_cli(nft_node, "exporter_main", "--textfile", str(path))
+    r = _run_cli(nft_node, "exporter", "--textfile", str(path))
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
     assert _parse(path.read_text()) == (FAMILIES, expected)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
     missing = tmp_path / "no-such-dir" / "netacct.prom"
-    r = _run_cli(nft_node, "exporter_main", "--textfile", str(missing))
+    r = _run_cli(nft_node, "exporter", "--textfile", str(missing))
     assert (r.returncode, r.stdout) == (10, "")
     assert r.stderr == f"netacct-exporter: cannot write {missing}: No such file or directory\n"
     for args in ([], ["--textfile", str(path), "--listen", "9835"], ["--listen", "http"],
                  ["--listen", "::1:9835"], ["--listen", "127.0.0.1:70000"]):
-        r = _run_cli(nft_node, "exporter_main", *args)
+        r = _run_cli(nft_node, "exporter", *args)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stdout == "" and len(r.stderr.splitlines()) == 1 and r.stderr.startswith("netacct-exporter: ")
 
     env = dict(os.environ, NETACCT_CONFIG=str(nft_node.config_path), SLURMD_NODENAME=NODE)
-    proc = subprocess.Popen([sys.executable, "-c", "from slurm_netacct.cli_monitor import exporter_main; exporter_main()",
+    proc = subprocess.Popen([sys.executable, "-c", "from slurm_netacct.cli.exporter import main; main()",
                              "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd="/")
     try:

@@ -577,7 +577,9 @@ def test_spool_replay_takes_only_valid_records_of_its_own_node(tmp_path: Path) -
     """Without the network: a record of another node stays for that node; a file that is not a
     record is moved aside as *.bad (never retried, never stored); a conditional `lost` record
     closes only a row still running; the database then holds exactly the valid records."""
-    from slurm_netacct import config, store
+    from slurm_netacct import config
+    from slurm_netacct.store import db as store
+    from slurm_netacct.store import spool as spooling
 
     cfg = config.parse({"db": str(tmp_path / "%n.db"), "spool_dir": str(tmp_path / "spool")})
     spool = cfg.spool_for("n1")
@@ -591,18 +593,18 @@ def test_spool_replay_takes_only_valid_records_of_its_own_node(tmp_path: Path) -
         store.record_start(db, running, "ns", "100.64.0.3", None, "nftables")
         for info, state, t, cond in ((mine, "completed", traffic, False), (theirs, "completed", traffic, False),
                                      (running, "lost", None, True), (never_ran, "lost", None, True)):
-            path = store.spool_write(spool, store.spool_record(info, state, t, None, cond, cfg.db_for(info.node), "x"))
-            assert path == store.spool_path(spool, info)
+            path = spooling.spool_write(spool, spooling.spool_record(info, state, t, None, cond, cfg.db_for(info.node), "x"))
+            assert path == spooling.spool_path(spool, info)
         (spool / "n1.10.0.json").write_text("{not json")
         spool.chmod(0o777)  # anyone could have planted records: none is stored
-        assert store.replay_spool(db, spool, "n1") == 0 and len(list(spool.iterdir())) == 5
+        assert spooling.replay_spool(db, spool, "n1") == 0 and len(list(spool.iterdir())) == 5
         spool.chmod(0o700)
-        assert store.replay_spool(db, spool, "n1") == 2
+        assert spooling.replay_spool(db, spool, "n1") == 2
         assert sorted(p.name for p in spool.iterdir()) == ["n1.10.0.json.bad", "n2.7.0.json"]
         rows = db.conn.execute("SELECT job_id, node, user, state FROM jobs ORDER BY job_id").fetchall()
         assert rows == [(7, "n1", "alice", "completed"), (8, "n1", None, "lost")]
         assert db.conn.execute("SELECT job_id, class, in_bytes, out_bytes FROM traffic").fetchall() == [(7, "wan", 10, 20)]
-        assert store.replay_spool(db, spool, "n1") == 0
+        assert spooling.replay_spool(db, spool, "n1") == 0
     finally:
         db.close()
     for bad in ("var/spool", "", 17):  # validated like the other paths

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import sqlite3
+import types
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -16,13 +17,17 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from slurm_netacct import cli, store
+import sqlite_utils
+from slurm_netacct.cli import report as report_cli
+from slurm_netacct.report import aggregate as report_aggregate
+from slurm_netacct.report import records as report_records
+from slurm_netacct.store import db as store
 from slurm_netacct.errors import EXIT_CODES
 
 LAN = "lan"
 
 
-def _job(db: store.sqlite_utils.Database, job: int, node: str, user: str | None, account: str | None,
+def _job(db: sqlite_utils.Database, job: int, node: str, user: str | None, account: str | None,
          partition: str, start: str, end: str | None, state: str,
          traffic: dict[str, tuple[int, int, int, int]], restart: int = 0, sampled_at: str | None = None) -> None:
     info = store.JobInfo(job_id=job, node=node, restart=restart, user=user, account=account, partition=partition)
@@ -66,7 +71,7 @@ def dbs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     try:
-        cli.report_main(list(argv))
+        report_cli.main(list(argv))
         code = 0
     except SystemExit as exc:
         code = int(exc.code or 0)
@@ -351,7 +356,7 @@ def test_database_is_opened_read_only(dbs: tuple[Path, Path], capsys: pytest.Cap
 
 
 def test_parallel_aggregation_equals_the_single_process_one(tmp_path: Path) -> None:
-    from slurm_netacct import report
+    report = _report_api()
     import random
     rng = random.Random(7)
     paths = []
@@ -464,7 +469,7 @@ def run_isolated(argv: list[str]) -> tuple[int, str, str]:
     err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace", newline="", write_through=True)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            cli.report_main(argv)
+            report_cli.main(argv)
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else -1)
@@ -592,7 +597,7 @@ def test_the_most_final_copy_of_a_node_row_wins_whatever_the_order(dbs: tuple[Pa
 def test_copies_rank_terminal_then_later_end_or_sample(tmp_path: Path, a: tuple[str, str | None, str | None, int],
                                                        b: tuple[str, str | None, str | None, int],
                                                        winner: int | str) -> None:
-    from slurm_netacct import report
+    report = _report_api()
     paths = []
     for name, (state, end, sampled, n) in (("x.db", a), ("y.db", b)):
         db = store.connect(tmp_path / name)
@@ -608,7 +613,7 @@ def test_copies_rank_terminal_then_later_end_or_sample(tmp_path: Path, a: tuple[
 
 
 def test_parallel_aggregation_resolves_copies_and_counts_them_alike(tmp_path: Path) -> None:
-    from slurm_netacct import report
+    report = _report_api()
     old, new = _copies(tmp_path)
     for j in range(1000, 1100):  # more jobs, so that the id range is split between workers
         for path, n in ((old, 1), (new, 2)):
@@ -694,7 +699,7 @@ def test_billing_counts_each_job_once_in_the_period_it_ended(tmp_path: Path, mon
     code, out, err = run(capsys, *src, *oct_, "-n", "-P", "-o", "JobID")
     assert (code, out.split(), err) == (0, ["1", "2", "4", "5", "7"], "")
     # The parallel aggregation (one worker per job-id range) gives the same groups and notes.
-    from slurm_netacct import report
+    report = _report_api()
     q = report.Query(start="2026-10-01T00:00:00Z", end="2026-11-30T23:59:59Z", billing=True)
     paths = [tmp_path / "n1.db", tmp_path / "n2.db"]
     single_notes, multi_notes = report.Notes(), report.Notes()
@@ -702,3 +707,11 @@ def test_billing_counts_each_job_once_in_the_period_it_ended(tmp_path: Path, mon
     multi = report.aggregate_parallel(paths, q, ["lan", "wan"], ("month",), workers=2, min_span=0, notes=multi_notes)
     assert [(g.key, g.jobs, g.vec) for g in single] == [(g.key, g.jobs, g.vec) for g in multi]
     assert single_notes.lines() == multi_notes.lines() == [note[len("netacct-report: "):-1]]
+
+
+def _report_api() -> types.SimpleNamespace:
+    """The report library as one namespace, as these tests call it."""
+    return types.SimpleNamespace(aggregate=report_aggregate.aggregate,
+                                 aggregate_parallel=report_aggregate.aggregate_parallel,
+                                 iter_jobs=report_records.iter_jobs, Query=report_records.Query,
+                                 Notes=report_records.Notes)

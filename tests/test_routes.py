@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TAG, VENV_BIN
-from slurm_netacct import config, routes
+from slurm_netacct import config
+from slurm_netacct.node import routes
 from slurm_netacct.errors import ConfigError
 from topology import in_ns, sh
 

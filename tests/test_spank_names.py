@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slurm_netacct import naming
-from slurm_netacct.lifecycle import JobNames
+from slurm_netacct.naming import JobNames
 from slurm_netacct import config
 
 NSPATH = Path(__file__).resolve().parents[1] / "spank" / "netacct-nspath"

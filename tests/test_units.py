@@ -13,9 +13,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from slurm_netacct import accounting, config, naming, report, store
+from slurm_netacct import config, naming
+from slurm_netacct.counting import rules as accounting
+from slurm_netacct.counting.nft import Nftables
+from slurm_netacct.node.nat import NftNat
+from slurm_netacct.node.plan import NodePlan, addresses, index_range
+from slurm_netacct.report import records as report
+from slurm_netacct.report.units import human_bytes
+from slurm_netacct.store import db as store
+from slurm_netacct.store import spool
+from slurm_netacct.traffic import FIELDS
 from slurm_netacct.errors import ConfigError, PoolExhaustedError
-from slurm_netacct.lifecycle import JobNames, addresses, index_range
+from slurm_netacct.naming import JobNames
 
 
 # ----------------------------------------------------------------------------- naming
@@ -174,7 +183,7 @@ def test_rules_are_ordered_first_match_wins_default_last() -> None:
 def test_nft_ruleset_has_named_counters_for_every_class_and_direction() -> None:
     cfg = config.parse({"classes": {"lan": ["10.0.0.0/8", "fc00::/7"], "hpc": ["192.0.2.0/24"]},
                         "pool": {"ipv6": "fd00:1::/64"}})
-    text = accounting.Nftables().ruleset(cfg)
+    text = Nftables().ruleset(cfg)
     for name in ("lan_in", "lan_out", "hpc_in", "hpc_out", "wan_in", "wan_out"):
         assert f"counter {name} {{ }}" in text
     assert "set r0_lan_v4 { type ipv4_addr; flags interval; auto-merge; elements = { 100.64.0.0/16, 10.0.0.0/8 } }" in text
@@ -193,16 +202,16 @@ def test_a_class_listed_before_the_pools_class_keeps_its_place() -> None:
     runs = [(r.klass, [str(p) for p in r.prefixes]) for r in accounting.match_runs(cfg)]
     assert runs == [("lan", ["100.64.0.0/16"]), ("site", ["10.123.0.10/32", "fd12:3456::10/128"]),
                     ("lan", ["10.123.0.0/16", "fd12:3456::/48"]), ("backup", ["10.123.0.0/24"])]
-    body = accounting.Nftables().ruleset(cfg).split("chain count_out")[1]
+    body = Nftables().ruleset(cfg).split("chain count_out")[1]
     assert (body.index("@r0_lan_v4") < body.index("@r1_site_v4") < body.index("@r1_site_v6")
             < body.index("@r2_lan_v4") < body.index("@r3_backup_v4"))
 
 
 # ----------------------------------------------------------------------------- addresses
 
-def _plan(cfg: config.Config, node: str = "n1") -> accounting.NodePlan:
+def _plan(cfg: config.Config, node: str = "n1") -> NodePlan:
     pool4, pool6 = cfg.node_pools(node)
-    return accounting.NodePlan(node=node, uplink="eth0", pool4=pool4, pool6=pool6)
+    return NodePlan(node=node, uplink="eth0", pool4=pool4, pool6=pool6)
 
 
 def test_address_indices_skip_network_gateway_broadcast() -> None:
@@ -252,17 +261,17 @@ def test_spool_replay_stores_records_and_removes_only_stale_temp_files(tmp_path:
     import os
     import time
 
-    spool = tmp_path / "spool"
+    spool_dir = tmp_path / "spool"
     info = store.JobInfo(job_id=41, node="n1", user="alice")
     traffic = {"wan": {"in_bytes": 7, "out_bytes": 9, "in_packets": 1, "out_packets": 2}}
-    spooled = store.spool_write(spool, store.spool_record(info, "completed", traffic, None, False,
-                                                          tmp_path / "n.db", "disk full"))
-    old, new = spool / ".tmp-old.part", spool / ".tmp-new.part"  # a crashed write, and one under way
+    spooled = spool.spool_write(spool_dir, spool.spool_record(info, "completed", traffic, None, False,
+                                                              tmp_path / "n.db", "disk full"))
+    old, new = spool_dir / ".tmp-old.part", spool_dir / ".tmp-new.part"  # a crashed write, and one under way
     old.write_text("")
     new.write_text("")
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     db = store.connect(tmp_path / "n.db")
-    assert store.replay_spool(db, spool, "n1") == 1
+    assert spool.replay_spool(db, spool_dir, "n1") == 1
     assert not spooled.exists() and not old.exists() and new.exists()
     assert db.conn.execute("SELECT out_bytes FROM traffic WHERE job_id = 41").fetchall() == [(9,)]
 
@@ -286,11 +295,11 @@ def test_routed_mode_gives_each_node_its_own_prefix() -> None:
 
 def test_routed_mode_masquerades_only_wan_bound_traffic() -> None:
     cfg = config.parse({"mode": "routed"})
-    text = accounting.Nftables().node_ruleset(cfg, _plan(cfg, "n3"))
+    text = NftNat().ruleset(cfg, _plan(cfg, "n3"))
     assert ('oifname "eth0" ip saddr 100.64.3.0/24 ip daddr { 100.64.0.0/16, 10.0.0.0/8, '
             '172.16.0.0/12, 192.168.0.0/16 } return') in text
     assert 'oifname "eth0" ip saddr 100.64.3.0/24 masquerade' in text
-    nat = accounting.Nftables().node_ruleset(config.parse({}), _plan(config.parse({})))
+    nat = NftNat().ruleset(config.parse({}), _plan(config.parse({})))
     assert "return" not in nat and 'oifname "eth0" ip saddr 100.64.0.0/16 masquerade' in nat
 
 
@@ -307,7 +316,7 @@ def _make_db(path: Path, node: str, jobs: list[tuple[int, int, str, dict[str, tu
         info = store.JobInfo(job_id=job, node=node, restart=restart, user="alice", account="phys", partition="batch")
         store.record_start(db, info, f"netacct-{job}", "100.64.0.2", None, "nftables")
         if state != "running":
-            store.record_end(db, info, state, {k: dict(zip(report.FIELDS, v)) for k, v in traffic.items()})
+            store.record_end(db, info, state, {k: dict(zip(FIELDS, v)) for k, v in traffic.items()})
     db.close()
     return path
 
@@ -345,7 +354,7 @@ def test_report_sums_restarts_of_a_requeued_job(tmp_path: Path) -> None:
 @pytest.mark.parametrize("n, text", [(0, "0"), (1023, "1023"), (1024, "1.00K"), (1536, "1.50K"),
                                      (3 * 1024**2, "3.00M"), (5 * 1024**5, "5.00P")])
 def test_human_bytes(n: int, text: str) -> None:
-    assert report.human_bytes(n) == text
+    assert human_bytes(n) == text
 
 
 def test_report_of_a_broken_db_is_a_store_error(tmp_path: Path) -> None:
@@ -400,7 +409,7 @@ def test_link_settings_without_ipv6_in_the_kernel() -> None:
     crosses them.)"""
     import errno
 
-    from slurm_netacct import netns
+    from slurm_netacct.kernel import links as netns
 
     no_ipv6 = _Kernel(lambda req: errno.EAFNOSUPPORT if _has_af(req, socket.AF_INET6) else 0)
     netns.link_settings(no_ipv6, 7, route_localnet=True)  # type: ignore[arg-type]
@@ -441,5 +450,5 @@ def test_dates_without_a_year_follow_sacct(now: str, text: str, want: str) -> No
     """Was: always the current year (`-S 1201` on 2026-11-30 meant tomorrow's date)."""
     from datetime import datetime
 
-    from slurm_netacct import timeparse
+    from slurm_netacct.report import timeparse
     assert timeparse.parse(text, datetime.fromisoformat(now)) == datetime.fromisoformat(want)

@@ -15,12 +15,17 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-from . import lifecycle, naming, netns, store
-from .config import Config
-from .errors import SetupError, StoreError
-from .log import get as get_log
+from .. import naming
+from ..config import Config
+from ..errors import SetupError, StoreError
+from ..kernel import links
+from ..log import get as get_log
+from ..states import State
+from ..store import db as store
+from ..store import spool
+from . import lifecycle
+from .locks import job_lock
 
-STATE_RECONCILED = "reconciled"
 # Job states in which a job may still have (or be about to get) its namespace on a node.
 ACTIVE_STATES = "CONFIGURING,RUNNING,COMPLETING,SUSPENDED,STOPPED,SIGNALING,STAGE_OUT,RESIZING"
 
@@ -36,22 +41,28 @@ class ReconcileResult:
 
 
 def slurm_active_jobs(node: str, squeue: str | None = None, timeout: float = 30) -> set[int] | None:
-    """Job ids SLURM has on this node in an active state; None if SLURM cannot be asked."""
+    """Job ids SLURM has on this node in an active state; None (and why, logged) if SLURM
+    cannot be asked."""
+    log = get_log()
     exe = squeue or shutil.which("squeue") or shutil.which("squeue", path="/usr/bin:/usr/local/bin")
     if exe is None:
+        log.error("reconcile: squeue is not installed: SLURM cannot be asked which jobs run on %s", node)
         return None
     try:
         proc = subprocess.run([exe, "-h", "-w", node, "-t", ACTIVE_STATES, "-o", "%A"],
                               capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.error("reconcile: squeue failed: %s", exc)
         return None
     if proc.returncode != 0:
+        log.error("reconcile: squeue exited %d: %s", proc.returncode, " ".join(proc.stderr.split())[:300])
         return None
     jobs: set[int] = set()
     for word in proc.stdout.split():
         try:
             jobs.add(naming.parse_job_id(word))
         except ValueError:
+            log.error("reconcile: squeue answered %r, which is not a job id: its answer is not used", word[:40])
             return None  # an answer we do not understand is no answer
     return jobs
 
@@ -68,7 +79,7 @@ def leftovers(cfg: Config, node: str) -> dict[int, list[str]]:
         job = naming.job_id_from_netns(prefix, name)
         if job is not None:
             found.setdefault(job, []).append(f"namespace {name}")
-    for link in netns.list_links():
+    for link in links.list_links():
         job = naming.job_id_from_ifname(cfg.ifname_prefix, link)
         if job is not None:
             found.setdefault(job, []).append(f"link {link}")
@@ -78,8 +89,8 @@ def leftovers(cfg: Config, node: str) -> dict[int, list[str]]:
         try:
             for row in store.running_jobs(db, node):
                 found.setdefault(int(row["job_id"]), []).append(f"running row (run {row['restart']})")
-            for (job,) in db.conn.execute("SELECT job_id FROM leases WHERE node = ?", (node,)):
-                found.setdefault(int(job), []).append("address lease")
+            for job in store.leased_jobs(db, node):
+                found.setdefault(job, []).append("address lease")
         finally:
             db.close()
     return found
@@ -87,8 +98,6 @@ def leftovers(cfg: Config, node: str) -> dict[int, list[str]]:
 
 def reconcile(cfg: Config, node: str, active: set[int] | None, dry_run: bool = False) -> ReconcileResult:
     """Tear down every leftover of jobs not in `active`; with active None, only report."""
-    from .hooks import job_lock
-
     log = get_log()
     if not dry_run:
         replay(cfg, node)
@@ -105,11 +114,11 @@ def reconcile(cfg: Config, node: str, active: set[int] | None, dry_run: bool = F
             continue
         info = _job_info(cfg, node, job)
         try:
-            with job_lock(info):
-                done = lifecycle.teardown(cfg, info, done_state=STATE_RECONCILED)
-            state = done.state
-            if state == "lost":
-                state = STATE_RECONCILED + " (counters lost)"
+            with job_lock(info.job_id):
+                done = lifecycle.teardown(cfg, info, done_state=State.RECONCILED)
+            state = str(done.state)
+            if state == State.LOST:
+                state = f"{State.RECONCILED} (counters lost)"
             if done.spooled is not None:
                 state += f" (database error; record spooled to {done.spooled})"
             result.reconciled[job] = state
@@ -125,12 +134,12 @@ def replay(cfg: Config, node: str) -> int:
     number stored. A database that cannot be written is logged: the records stay spooled."""
     log = get_log()
     path = cfg.db_for(node)
-    if not path.exists() and not store.spool_pending(cfg.spool_for(node), node):
+    if not path.exists() and not spool.spool_pending(cfg.spool_for(node), node):
         return 0
     try:
         db = store.connect(path)
         try:
-            n = store.replay_spool(db, cfg.spool_for(node), node)
+            n = spool.replay_spool(db, cfg.spool_for(node), node)
         finally:
             db.close()
     except StoreError as exc:
@@ -147,12 +156,9 @@ def _job_info(cfg: Config, node: str, job: int) -> store.JobInfo:
     if path.exists():
         db = store.connect(path)
         try:
-            cur = db.conn.execute("SELECT restart, user, uid, account, partition FROM jobs WHERE job_id = ? "
-                                  "AND node = ? ORDER BY restart DESC LIMIT 1", (job, node))
-            row = cur.fetchone()
+            newest = store.newest_run(db, node, job)
         finally:
             db.close()
-        if row is not None:
-            return store.JobInfo(job_id=job, node=node, restart=row[0], user=row[1], uid=row[2],
-                                 account=row[3], partition=row[4])
+        if newest is not None:
+            return newest
     return store.JobInfo(job_id=job, node=node)

@@ -8,8 +8,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Config
-from .errors import ConfigError, SetupError, UsageError
+from ..config import Config
+from ..errors import ConfigError, SetupError, UsageError
 
 RTPROT_NETACCT = 222  # the routing protocol number that marks this project's routes
 
@@ -48,7 +48,7 @@ def plan(cfg: Config, nodes: dict[str, str], self_node: str | None) -> list[Rout
     trailing number (n1, n01), or a [routed.nodes] entry equal to another node's number,
     would share a job prefix (ConfigError naming both)."""
     if cfg.mode != "routed":
-        raise UsageError("netacct-routes: config 'mode' is not \"routed\"")
+        raise UsageError("config 'mode' is not \"routed\"")
     owner: dict[int, str] = {}
     for name in sorted(set(nodes) | ({self_node} if self_node else set())):
         idx = cfg.node_index(name)

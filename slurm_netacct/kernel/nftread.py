@@ -14,8 +14,9 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import SetupError
-from .netns import CLONE_NEWNET, _libc, go_home, home_fd, is_netns
+from ..errors import SetupError
+from . import libc
+from .netns import go_home, home_fd, is_netns
 from .nlmsg import ATTR, HEADER, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attr, message
 
 NETLINK_NETFILTER = 12
@@ -55,10 +56,8 @@ def _open_many(paths: Sequence[Path]) -> list[socket.socket | OSError]:
                 out.append(exc)
                 continue
             try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    out.append(OSError(errno.EINVAL, f"setns {path}"))
-                else:
-                    out.append(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER))
+                libc.setns(fd)
+                out.append(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER))
             except OSError as exc:
                 out.append(exc)
             finally:

@@ -15,24 +15,19 @@ OP "flush" (no fds needed) answers once all deferred work queued before it is do
 
 from __future__ import annotations
 
-import argparse
-import array
 import os
 import queue
-import signal
 import socket
-import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
-from . import config as config_mod
+from .. import config as config_mod
+from .. import counting
+from ..kernel import libc, netns
+from ..log import setup as setup_log
 from . import hooks
-from .errors import NetacctError
-from .log import setup as setup_log
-from .netns import CLONE_NEWNET, _libc, home_fd
 
-SOCKET = Path("/run/slurm-netacct/daemon.sock")
 MAGIC = b"netacct/1"
 TEMPFAIL = 75
 MAX_REQUEST = 1 << 20
@@ -51,10 +46,7 @@ def pin_malloc_thresholds(nbytes: int = MALLOC_THRESHOLD) -> bool:
     by ~0.75 KiB per job while Python's own allocations stayed flat (bench/RESULTS.md). Fixed
     thresholds (as the environment variable MALLOC_MMAP_THRESHOLD_ would set them) keep such
     buffers in mappings of their own and give a heap's free top back: RSS stays flat."""
-    mallopt = getattr(_libc, "mallopt", None)
-    if mallopt is None:
-        return False
-    return mallopt(M_MMAP_THRESHOLD, nbytes) == 1 and mallopt(M_TRIM_THRESHOLD, nbytes) == 1
+    return libc.mallopt(M_MMAP_THRESHOLD, nbytes) and libc.mallopt(M_TRIM_THRESHOLD, nbytes)
 
 
 ACCEPT_POLL = 1.0  # seconds: how often the accept loop checks for a stop request
@@ -109,11 +101,13 @@ class Daemon:
         self.stopping = threading.Event()
         self.sock: socket.socket | None = None
         # Load what the first request would otherwise pay for.
-        from . import accounting, lifecycle, netns, nftlib, nftread, store  # noqa: F401
         import pyroute2  # noqa: F401
-        nftlib._load()
-        if self.cfg.firewall == "iptables" or (self.cfg.firewall == "auto" and accounting.host_iptables_is_legacy()):
-            import iptc  # noqa: F401
+
+        from ..kernel import links, nftlib, nftread  # noqa: F401
+        from ..store import db, spool  # noqa: F401
+        from . import lifecycle, nat  # noqa: F401
+        nftlib.load()
+        counting.choose(self.cfg)  # and the way of counting's own libraries
 
     def start(self) -> None:
         self.sock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -265,26 +259,30 @@ class Daemon:
 
     def _in_namespace(self, ns_fd: int, fn: Callable[[], object]) -> object:
         """fn() with this thread in the namespace of ns_fd, then back."""
-        home = home_fd()
-        if _libc.setns(ns_fd, CLONE_NEWNET) != 0:
-            raise OSError("cannot join the hook's network namespace")
+        home = netns.home_fd()
+        try:
+            libc.setns(ns_fd)
+        except OSError:
+            raise OSError("cannot join the hook's network namespace") from None
         try:
             return fn()
         finally:
-            if _libc.setns(home, CLONE_NEWNET) != 0:
+            try:
+                libc.setns(home)
+            except OSError:
                 os._exit(70)  # a worker stuck in a node's namespace must not serve again
 
 
+MAX_FDS = 4  # a request carries two: the hook's network namespace and its resolv.conf
+
+
 def _recv_request(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """A whole request (it ends with an empty entry) and the descriptors that came with it."""
     data = b""
     fds: list[int] = []
     while True:
-        msg, ancdata, _flags, _addr = conn.recvmsg(65536, socket.CMSG_SPACE(4 * array.array("i").itemsize))
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                a = array.array("i")
-                a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
-                fds.extend(a)
+        msg, got, _flags, _addr = socket.recv_fds(conn, 65536, MAX_FDS)
+        fds.extend(got)
         if not msg:
             break
         data += msg
@@ -293,39 +291,3 @@ def _recv_request(conn: socket.socket) -> tuple[bytes, list[int]]:
         if data.endswith(b"\0\0"):  # the client ends its request with an empty entry
             break
     return data, fds
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="netacct-daemon", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, help="config file (default: $NETACCT_CONFIG, /etc/slurm/netacct.toml)")
-    p.add_argument("--socket", type=Path, default=Path(os.environ.get("NETACCT_SOCKET", SOCKET)))
-    p.add_argument("--workers", type=int, default=4, help="worker threads: jobs worked on at once (default 4)")
-    p.add_argument("--max-jobs", type=int, default=0, metavar="N",
-                   help="exit after N prolog/epilog requests, for the service manager to restart it "
-                        "(0, the default: never; memory stays flat without it)")
-    args = p.parse_args(argv)
-    os.environ.setdefault("PATH", hooks.SAFE_PATH)
-    os.umask(0o077)
-    # SIGTERM/SIGINT must reach the main thread, which is blocked in accept(): the kernel may
-    # deliver a process signal to any thread that does not block it, and a worker receiving it
-    # would leave accept() asleep (seen: a stop ignored until a second SIGTERM). The threads
-    # start with both blocked (they inherit this mask); the main thread unblocks them below.
-    stop_signals = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    try:
-        d = Daemon(args.config, args.socket, args.workers, args.max_jobs)
-        d.start()
-    except NetacctError as exc:
-        print(f"netacct-daemon: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    signal.signal(signal.SIGTERM, lambda *_: d.stop())
-    signal.signal(signal.SIGINT, lambda *_: d.stop())
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)  # one that came meanwhile is handled now
-    print(f"netacct-daemon: listening on {args.socket}", flush=True)
-    d.serve_forever()
-    d.drain()
-
-
-if __name__ == "__main__":
-    main()

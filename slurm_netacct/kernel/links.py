@@ -1,27 +1,21 @@
-"""Network namespaces, the veth pair, addresses and routes of a job (pyroute2 netlink)."""
+"""A job's link: the veth pair, its addresses, routes and per-link settings (netlink)."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import ipaddress
 import os
-import pickle
 import socket
 import struct
-import threading
-import traceback
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from .errors import NoNamespaceError, SetupError
+from ..errors import SetupError
+from .netns import entered, is_netns
 from .nlmsg import HEADER, NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, attr, message
 
-CLONE_NEWNET = 0x40000000
 IFA_F_NODAD = 0x02
 # rtnetlink, for the per-link settings pyroute2 cannot encode (an IPv4 devconf entry)
 RTM_SETLINK = 19
@@ -29,9 +23,6 @@ IFLA_AF_SPEC, IFLA_INET_CONF, IFLA_INET6_ADDR_GEN_MODE = 26, 1, 8
 IPV4_DEVCONF_ROUTE_LOCALNET = 26  # net.ipv4.conf.X.route_localnet
 IN6_ADDR_GEN_MODE_NONE = 1  # no automatic IPv6 link-local address (`ip link set X addrgenmode none`)
 GATEWAY_V6 = "fe80::1"  # the node-side address on every job link (link-local, same on all)
-T = TypeVar("T")
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -41,185 +32,6 @@ class JobAddresses:
     ipv4: ipaddress.IPv4Address
     gateway4: ipaddress.IPv4Address
     ipv6: ipaddress.IPv6Address | None = None
-
-
-_NSFS_DEV: int | None = None
-
-
-def _nsfs_dev() -> int:
-    """The device number of nsfs, where every namespace file lives (fixed while we run)."""
-    global _NSFS_DEV
-    if _NSFS_DEV is None:
-        _NSFS_DEV = os.stat("/proc/self/ns/net").st_dev
-    return _NSFS_DEV
-
-
-def is_netns(path: Path) -> bool:
-    """True if path is a bind-mounted network namespace (not merely a leftover empty file)."""
-    try:
-        return os.stat(path).st_dev == _nsfs_dev()
-    except OSError:
-        return False
-
-
-def setns(path: Path) -> None:
-    """Move the calling thread (the whole process if single-threaded) into the namespace."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NoNamespaceError(f"{path}: no such network namespace") from None
-    try:
-        if not is_netns(path):
-            raise NoNamespaceError(f"{path}: not a network namespace")
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise SetupError(f"setns({path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-def run_in_netns(path: Path | None, func: Callable[..., T], *args: Any) -> T:
-    """Run func(*args) in a forked child that has joined the namespace; return its result.
-
-    path None runs it in a child in the current namespace (for libraries that keep global
-    state per process, such as python-iptables). The parent stays where it is. Exceptions
-    raised by func are re-raised in the parent.
-    """
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(rfd)
-        try:
-            if path is not None:
-                setns(path)
-            payload: tuple[bool, Any] = (True, func(*args))
-        except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
-            try:
-                pickle.dumps(exc)
-                payload = (False, exc)
-            except Exception:
-                payload = (False, SetupError("".join(traceback.format_exception_only(exc)).strip()))
-        try:
-            with os.fdopen(wfd, "wb") as w:
-                pickle.dump(payload, w)
-        finally:
-            os._exit(0)
-    os.close(wfd)
-    with os.fdopen(rfd, "rb") as r:
-        data = r.read()
-    os.waitpid(pid, 0)
-    if not data:
-        raise SetupError(f"helper process in {path} died")
-    ok, value = pickle.loads(data)
-    if not ok:
-        raise value
-    return value
-
-
-MS_BIND, MS_REC, MS_SHARED = 0x1000, 0x4000, 0x100000
-_shared_dirs: set[Path] = set()
-_local = threading.local()
-
-
-def home_fd() -> int:
-    """A descriptor of the namespace this thread is in now, to come back to after a visit.
-
-    Kept open per thread and namespace (a command's main thread has one; a daemon worker one
-    per node it serves): holding it also pins the namespace, so its inode, the key, stays
-    unique."""
-    ino = os.stat("/proc/thread-self/ns/net").st_ino
-    fds: dict[int, int] = _local.__dict__.setdefault("homes", {})
-    fd = fds.get(ino)
-    if fd is None:
-        fd = fds[ino] = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    return fd
-
-
-def go_home(home: int) -> None:
-    """Back to the namespace of home_fd(); a thread must never stay in a job's namespace."""
-    if _libc.setns(home, CLONE_NEWNET) != 0:
-        raise SetupError("cannot return to the node's network namespace")
-
-
-@contextmanager
-def entered(path: Path) -> Iterator[None]:
-    """Move the calling thread into the namespace at path for the block, then back.
-
-    Sockets opened inside (netlink, libnftables) stay bound to that namespace afterwards.
-    Only the calling thread moves: a daemon's other threads are unaffected.
-    """
-    home = home_fd()
-    setns(path)
-    try:
-        yield
-    finally:
-        go_home(home)
-
-
-def _share(directory: Path) -> None:
-    """Make the namespace directory a shared mount point (as `ip netns add` does), once."""
-    if directory in _shared_dirs:
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    d = str(directory).encode()
-    if _libc.mount(b"", d, b"none", MS_SHARED | MS_REC, None) != 0:  # not a mount point yet
-        if _libc.mount(d, d, b"none", MS_BIND | MS_REC, None) != 0:
-            raise SetupError(f"cannot bind-mount {directory}: {os.strerror(ctypes.get_errno())}")
-        if _libc.mount(b"", d, b"none", MS_SHARED | MS_REC, None) != 0:
-            raise SetupError(f"cannot make {directory} shared: {os.strerror(ctypes.get_errno())}")
-    _shared_dirs.add(directory)
-
-
-def create(path: Path, rps_mask: str | None = None) -> None:
-    """Create a new network namespace bind-mounted at path (like `ip netns add`).
-
-    The calling thread unshares into the new namespace just long enough to bind-mount it
-    (and, with rps_mask, to set its net.core.rps_default_mask, which links made in it later
-    start with), then returns to where it was: no helper process.
-
-    Nothing else goes through /proc/sys here: with many namespaces on the machine, each
-    sysctl file costs about 1 ms to open (0.2 ms with none; measured here with 1000).
-    """
-    _share(path.parent)
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
-    except FileExistsError:
-        raise SetupError(f"network namespace {path} already exists (made by something else)") from None
-    except OSError as exc:
-        raise SetupError(f"cannot create {path}: {exc.strerror}") from None
-    home = home_fd()
-    if _libc.unshare(CLONE_NEWNET) != 0:
-        err = os.strerror(ctypes.get_errno())
-        os.unlink(path)
-        raise SetupError(f"cannot create network namespace {path}: unshare: {err}")
-    try:
-        if _libc.mount(b"/proc/thread-self/ns/net", str(path).encode(), b"none", MS_BIND, None) != 0:
-            err = os.strerror(ctypes.get_errno())
-            os.unlink(path)
-            raise SetupError(f"cannot create network namespace {path}: mount: {err}")
-        if rps_mask is not None:  # links made here later (the job's end) start with it
-            try:
-                set_sysctl("net/core/rps_default_mask", rps_mask)
-            except SetupError:
-                remove(path)
-                raise
-    finally:
-        go_home(home)
-
-
-def remove(path: Path) -> bool:
-    """Unmount and unlink a namespace file; False if there was nothing to remove."""
-    if not os.path.lexists(path):
-        return False
-    if _libc.umount2(str(path).encode(), 2) != 0:  # MNT_DETACH
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOENT):  # EINVAL: a leftover file, not mounted
-            raise SetupError(f"umount {path}: {os.strerror(err)}")
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def _ipr(netns_path: Path | None = None) -> Any:
@@ -402,15 +214,3 @@ def list_links() -> list[str]:
     """Names of all links in the current namespace."""
     with _ipr() as ipr:
         return [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
-
-
-def set_sysctl(name: str, value: str) -> None:
-    """Write a sysctl of the current network namespace, e.g. net/ipv4/ip_forward."""
-    path = Path("/proc/sys") / name
-    try:
-        if path.read_text().strip() != value:
-            path.write_text(value)
-    except FileNotFoundError:
-        raise SetupError(f"sysctl {name}={value}: no such setting") from None
-    except OSError as exc:
-        raise SetupError(f"sysctl {name}={value}: {exc.strerror}") from None

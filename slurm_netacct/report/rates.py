@@ -1,15 +1,35 @@
-"""Reading a --rates file: prices per GB of traffic for each class and direction."""
+"""Prices of traffic per class and direction (a --rates file), and the cost of some traffic."""
 
 from __future__ import annotations
 
 import re
 import tomllib
 from collections.abc import Sequence
-from decimal import Decimal, InvalidOperation
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
 
-from .errors import ConfigError
-from .report import Rates
+from ..errors import ConfigError
+from ..traffic import Traffic
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Prices per unit of traffic for each (class, direction); see README "Billing"."""
+
+    prices: dict[tuple[str, str], Decimal]
+    unit_bytes: int = 10**9  # "GB": clouds bill decimal gigabytes
+    decimals: int = 2
+    currency: str = ""
+
+    def cost(self, traffic: Traffic) -> Decimal:
+        """The exact price of the traffic, rounded half-up to `decimals` once."""
+        total = Decimal(0)
+        for (klass, direction), price in self.prices.items():
+            n = traffic.get(klass, {}).get(f"{direction}_bytes", 0)
+            total += Decimal(n) * price / Decimal(self.unit_bytes)
+        return total.quantize(Decimal(1).scaleb(-self.decimals), rounding=ROUND_HALF_UP)
+
 
 UNITS = {"GB": 10**9, "GiB": 2**30, "TB": 10**12, "TiB": 2**40, "MB": 10**6, "MiB": 2**20}
 _KEY = re.compile(r"([a-z][a-z0-9_]{0,15})_(in|out)")

@@ -12,9 +12,10 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from . import accounting, sample
-from .config import Config
-from .errors import ExportError, NetacctError
+from ..config import Config
+from ..errors import ExportError
+from ..traffic import DIRECTIONS
+from . import sample
 
 BYTES = "netacct_job_bytes"  # exposed as netacct_job_bytes_total
 PACKETS = "netacct_job_packets"  # exposed as netacct_job_packets_total
@@ -22,7 +23,6 @@ RUNNING = "netacct_jobs_running"
 READ_ERRORS = "netacct_job_read_errors"
 JOB_LABELS = ("job_id", "user", "account", "node", "class", "direction")
 TEXTFILE_MODE = 0o644
-
 
 
 class JobCollector:
@@ -51,7 +51,7 @@ class JobCollector:
             for job_id in sorted(live.traffic):
                 info = live.jobs[job_id]
                 for klass, values in live.traffic[job_id].items():
-                    for direction in accounting.DIRECTIONS:
+                    for direction in DIRECTIONS:
                         labels = [str(job_id), info.user or "", info.account or "", self.node,
                                   klass, direction]
                         nbytes.add_metric(labels, values[f"{direction}_bytes"])

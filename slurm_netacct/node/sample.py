@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
-from . import accounting, lifecycle, netns, store
-from .config import Config
-from .errors import NetacctError, SetupError
-from .log import get as get_log
-
-Traffic = dict[str, dict[str, int]]  # class -> {in_bytes, out_bytes, in_packets, out_packets}
+from .. import counting
+from ..config import Config
+from ..errors import NetacctError, SetupError
+from ..kernel import netns
+from ..log import get as get_log
+from ..naming import JobNames
+from ..states import State
+from ..store import db as store
+from ..store import spool as spooling
+from ..traffic import Counters, Traffic, traffic_of
 
 
 @dataclass
@@ -51,14 +54,9 @@ def _info(row: dict[str, Any]) -> store.JobInfo:
                          partition=row["partition"])
 
 
-def _backend(name: str | None) -> accounting.Backend:
-    """The backend that installed the job's counters (the prolog recorded its name)."""
-    return accounting.Iptables() if name == "iptables" else accounting.Nftables()
-
-
 def _still_running(db: sqlite_utils.Database, info: store.JobInfo) -> bool:
     row = store.job_row(db, info)
-    return row is not None and row["state"] == "running"
+    return row is not None and row["state"] == State.RUNNING
 
 
 def _pass(cfg: Config, node: str, keep: bool) -> SampleResult:
@@ -67,49 +65,46 @@ def _pass(cfg: Config, node: str, keep: bool) -> SampleResult:
     result = SampleResult(node=node)
     path = cfg.db_for(node)
     spool = cfg.spool_for(node)
-    if not path.exists() and not (keep and store.spool_pending(spool, node)):
+    if not path.exists() and not (keep and spooling.spool_pending(spool, node)):
         return result  # no job has ever run here: nothing is running either
     db = store.connect(path)
     try:
         if keep:  # records an epilog could not store (the database was broken) go in first
-            store.replay_spool(db, spool, node)
+            spooling.replay_spool(db, spool, node)
         rows = store.running_jobs(db, node)
         latest: dict[int, dict[str, Any]] = {}
         for row in sorted(rows, key=lambda r: (r["job_id"], r["restart"])):
             if row["job_id"] in latest:  # an older run of a requeued job whose epilog failed:
                 result.skipped_jobs.append(int(row["job_id"]))  # the namespace is the newest run's
             latest[row["job_id"]] = row
-        # Each backend reads all its namespaces in one go (nftables: each namespace joined
+        # Each way of counting reads all its jobs in one go (nftables: each namespace joined
         # once; iptables: one child process per family), then each job is looked at.
-        by_backend: dict[str, list[Path]] = {}
-        where: dict[int, tuple[str, Path]] = {}
-        for job_id, row in latest.items():
-            name = row.get("netns") or lifecycle.JobNames.of(cfg, job_id).netns
-            ns_path = cfg.netns_dir / name  # the name the prolog gave it (%h may differ here)
-            bname = row["backend"] or "nftables"
-            by_backend.setdefault(bname, []).append(ns_path)
-            where[job_id] = (name, ns_path)
-        prefetched: dict[Path, accounting.Counters | str] = {}
-        for bname, paths in by_backend.items():
-            backend = _backend(bname)
+        by_counter: dict[str, list[JobNames]] = {}
+        names: dict[int, JobNames] = {}
+        for job_id, row in latest.items():  # the name the prolog gave it (%h may differ here)
+            names[job_id] = JobNames.stored(cfg, job_id, row.get("netns") or JobNames.of(cfg, job_id).netns)
+            by_counter.setdefault(row["backend"] or "", []).append(names[job_id])
+        prefetched: dict[str, Counters | str] = {}
+        for cname, jobs in by_counter.items():
+            counter = counting.named(cname)
             try:
-                prefetched.update(backend.read_many(cfg, paths))
+                prefetched.update(counter.read_many(cfg, jobs))
             except NetacctError as exc:
-                log.error("reading the %s counters in bulk failed (%s); one by one", bname, exc)
-                for one in paths:
+                log.error("reading the %s counters in bulk failed (%s); one by one", counter.name, exc)
+                for one in jobs:
                     try:
-                        prefetched[one] = backend.read(cfg, one)
+                        prefetched[one.netns] = counter.read(cfg, one)
                     except NetacctError as err:
-                        prefetched[one] = str(err)
+                        prefetched[one.netns] = str(err)
         for job_id, row in latest.items():
             info = _info(row)
-            name, ns_path = where[job_id]
-            got = prefetched[ns_path]
+            job = names[job_id]
+            got = prefetched[job.netns]
             if isinstance(got, dict):
-                result.traffic[job_id] = lifecycle.traffic_of(got, cfg)
+                result.traffic[job_id] = traffic_of(got, cfg.class_names)
                 result.jobs[job_id] = info
-            elif not netns.is_netns(ns_path):
-                log.info("job %d: no namespace %s to sample (the job is ending)", job_id, name)
+            elif not netns.is_netns(job.netns_path):
+                log.info("job %d: no namespace %s to sample (the job is ending)", job_id, job.netns)
                 result.skipped_jobs.append(job_id)
             elif not _still_running(db, info):
                 log.info("job %d: ended while being sampled (%s)", job_id, got)

@@ -14,14 +14,14 @@ import subprocess
 from contextlib import nullcontext
 from pathlib import Path
 
-from .errors import SetupError
+from ..errors import SetupError
 from .netns import entered, setns
 
 _lib: ctypes.CDLL | None = None
 _missing = False
 
 
-def _load() -> ctypes.CDLL | None:
+def load() -> ctypes.CDLL | None:
     global _lib, _missing
     if _lib is None and not _missing:
         try:
@@ -43,7 +43,7 @@ def _load() -> ctypes.CDLL | None:
 
 def run(script: str, ns_path: Path | None = None) -> None:
     """Apply an nft script (one atomic transaction), in this namespace or the one at path."""
-    lib = _load()
+    lib = load()
     if lib is None:
         return _run_cli(script, ns_path)
     # The context opens its netlink socket when it is made: make it inside the namespace.

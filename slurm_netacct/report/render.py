@@ -10,8 +10,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TextIO
 
-from .errors import UsageError
-from .report import Group, JobRecord, Rates, human_bytes, in_units
+from ..errors import UsageError
+from .aggregate import Group
+from .rates import Rates
+from .records import JobRecord
+from .units import human_bytes, in_units
 
 _JOB_FIELDS: dict[str, Callable[[JobRecord], Any]] = {
     "JobID": lambda r: str(r.job_id),
@@ -89,11 +92,11 @@ def columns(spec: str | None, classes: list[str], grouped: tuple[str, ...] | Non
     for item in names:
         m = re.fullmatch(r"\s*([A-Za-z0-9_]+)(?:%([0-9]+))?\s*", item)
         if not m or m.group(1).lower() not in by_lower:
-            raise UsageError(f"netacct-report: -o/--format: unknown field {item.strip()!r} "
+            raise UsageError(f"-o/--format: unknown field {item.strip()!r} "
                              f"(known: {', '.join(avail)})")
         digits = m.group(2)
         if digits and (len(digits.lstrip("0")) > len(str(MAX_WIDTH)) or int(digits) > MAX_WIDTH):
-            raise UsageError(f"netacct-report: -o/--format: {item.strip()!r}: a width is at most {MAX_WIDTH}")
+            raise UsageError(f"-o/--format: {item.strip()!r}: a width is at most {MAX_WIDTH}")
         width = int(digits) if digits else None
         col = by_lower[m.group(1).lower()]
         out.append(Column(col.name, col.get, col.is_bytes, width))

@@ -1,0 +1,52 @@
+"""netacct-reconcile: store what jobs no longer on this node left behind, and remove the rest."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .. import config as config_mod
+from ..log import setup as setup_log
+from ..node import hooks, reaper
+from .common import NODE_HELP, Command, Parser, job_ids, node_name
+
+RECONCILE_FAILED = 7  # SetupError's code: something could not be removed
+
+
+def _arguments(p: Parser) -> None:
+    p.add_argument("--node", metavar="NAME", help=NODE_HELP)
+    p.add_argument("--active", metavar="ID[,ID...]",
+                   help="the jobs active on this node, instead of asking squeue ('' for none)")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be reconciled")
+
+
+def _body(args: argparse.Namespace) -> int | None:
+    os.environ.setdefault("PATH", hooks.SAFE_PATH)
+    os.umask(0o077)
+    cfg = config_mod.load()
+    setup_log(cfg.log_file, COMMAND.prog)
+    node = node_name(args.node)
+    if args.active is not None:
+        active = (job_ids([args.active], "--active") or set()) if args.active.strip() else set()
+    else:
+        active = reaper.slurm_active_jobs(node)
+    result = reaper.reconcile(cfg, node, active, dry_run=args.dry_run)
+    if active is None:
+        COMMAND.complain(f"SLURM cannot be asked which jobs run on {node}: nothing touched "
+                         f"({len(result.found)} jobs with leftovers)")
+        return None
+    for job, what in sorted(result.found.items()):
+        if job in result.kept:
+            continue
+        done = result.reconciled.get(job) or (f"FAILED: {result.failed[job]}" if job in result.failed
+                                              else "would be reconciled")
+        print(f"job {job}: {'; '.join(what)} -> {done}")
+    return RECONCILE_FAILED if result.failed else None
+
+
+COMMAND = Command("netacct-reconcile",
+                  "Find what slurm-netacct left on this node for jobs that are no longer here (crashes, "
+                  "reboots), store the counters that still exist (state \"reconciled\") and remove the "
+                  "rest. Asks SLURM (squeue) which jobs are active on the node; if SLURM cannot answer, "
+                  "touches nothing.", _arguments, _body)
+main = COMMAND.main

@@ -1,0 +1,53 @@
+"""netacct-routes: routed mode's routes to every node's job prefix on this host."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .. import config as config_mod
+from ..errors import UsageError
+from ..node import routes
+from .common import Command, Parser
+
+
+def _arguments(p: Parser) -> None:
+    p.add_argument("action", choices=["install", "remove", "show"])
+    p.add_argument("--node", action="append", metavar="NAME=ADDR",
+                   help="a node and its address (repeatable); default: ask `scontrol show nodes`")
+    p.add_argument("--self", dest="self_node", metavar="NAME",
+                   help="this host's node name, skipped (default: $SLURMD_NODENAME, else none)")
+
+
+def _nodes(items: list[str]) -> dict[str, str]:
+    nodes = {}
+    for item in items:
+        name, sep, addr = item.partition("=")
+        if not sep or not name or not addr:
+            raise UsageError(f"--node {item!r}: expected NAME=ADDR")
+        nodes[name] = addr
+    return nodes
+
+
+def _body(args: argparse.Namespace) -> None:
+    if args.action == "remove":
+        print(f"removed {routes.remove()} routes")
+        return
+    if args.action == "show":
+        for prefix, via in routes.installed():
+            print(f"{prefix} via {via}")
+        return
+    cfg = config_mod.load()
+    nodes = _nodes(args.node) if args.node else routes.slurm_nodes()
+    planned = routes.plan(cfg, nodes, args.self_node or os.environ.get("SLURMD_NODENAME"))
+    added, removed = routes.install(planned)
+    for r in planned:
+        print(f"{r.prefix} via {r.via} ({r.node})")
+    print(f"installed {added} routes, removed {removed} stale ones")
+
+
+COMMAND = Command("netacct-routes",
+                  "Routed mode: install, remove or show the routes to every node's job prefix on this "
+                  "host (compute node, controller or login host). Routes carry protocol 222, and only "
+                  "those are ever changed.", _arguments, _body)
+main = COMMAND.main

@@ -1,0 +1,1 @@
+"""Thin bindings to the kernel: network namespaces, links, netlink, nftables."""
