@@ -166,6 +166,10 @@ def _network(value: Any, key: str) -> IPNetwork:
         raise _err(key, f"{value!r} is not a valid IP prefix ({exc})") from None
 
 
+_CHOICES = {"firewall": FIREWALLS, "mode": MODES, "teardown_failure": TEARDOWN_FAILURE, "dns": DNS_MODES}
+_CLASS_NAME_RULE = "class names are 1-16 of [a-z0-9_], starting with a letter"
+
+
 def parse(data: dict[str, Any]) -> Config:
     """Validate a decoded TOML document and return the Config; raise ConfigError naming the key."""
     if not isinstance(data, dict):
@@ -173,8 +177,34 @@ def parse(data: dict[str, Any]) -> Config:
     for key in data:
         if key not in _TOP_KEYS:
             raise _err(key, "unknown key")
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = {**_names(data), **_choices(data), **_report(_table(data, "report", _REPORT_KEYS)),
+                          **_routed(_table(data, "routed", _ROUTED_KEYS))}
+    kw["classes"] = classes = _classes(data.get("classes", DEFAULT_CLASSES))
+    default_class = _str(data, "default_class", "default_class")
+    if default_class is not None:
+        if not _CLASS_RE.fullmatch(default_class):
+            raise _err("default_class", _CLASS_NAME_RULE)
+        kw["default_class"] = default_class
+    kw.update(_pool(_table(data, "pool", _POOL_KEYS), classes, kw.get("default_class", "wan")))
+    cfg = Config(**kw)
+    _check(cfg)
+    return cfg
 
+
+def _table(data: dict[str, Any], name: str, keys: set[str]) -> dict[str, Any]:
+    """A sub-table ({} if absent), its keys checked."""
+    table = data.get(name, {})
+    if not isinstance(table, dict):
+        raise _err(name, "must be a table")
+    for key in table:
+        if key not in keys:
+            raise _err(f"{name}.{key}", "unknown key")
+    return table
+
+
+def _names(data: dict[str, Any]) -> dict[str, Any]:
+    """The uplink, the name prefixes, the paths and rps_cpus."""
+    kw: dict[str, Any] = {}
     uplink = _str(data, "uplink", "uplink")
     if uplink is not None:
         if len(uplink) >= naming.IFNAMSIZ or "/" in uplink or uplink.strip() != uplink:
@@ -183,7 +213,8 @@ def parse(data: dict[str, Any]) -> Config:
     prefix = _str(data, "netns_prefix", "netns_prefix")
     if prefix is not None:
         if not naming.valid_netns_prefix(prefix):
-            raise _err("netns_prefix", f"{prefix!r} may only hold letters, digits, '.', '_', '-'")
+            raise _err("netns_prefix", f"{prefix!r} may only hold letters, digits, '.', '_', '-' "
+                       f"(and %h), at most {naming.MAX_PREFIX_LEN} characters")
         kw["netns_prefix"] = prefix
     ifprefix = _str(data, "ifname_prefix", "ifname_prefix")
     if ifprefix is not None:
@@ -196,23 +227,6 @@ def parse(data: dict[str, Any]) -> Config:
             if not value.startswith("/"):
                 raise _err(key, f"{value!r} must be an absolute path")
             kw[key] = Path(value)
-    firewall = _str(data, "firewall", "firewall")
-    if firewall is not None:
-        if firewall not in FIREWALLS:
-            raise _err("firewall", f"{firewall!r} is not one of {', '.join(FIREWALLS)}")
-        kw["firewall"] = firewall
-    mode = _str(data, "mode", "mode")
-    if mode is not None:
-        if mode not in MODES:
-            raise _err("mode", f"{mode!r} is not one of {', '.join(MODES)}")
-        kw["mode"] = mode
-
-    tf = _str(data, "teardown_failure", "teardown_failure")
-    if tf is not None:
-        if tf not in TEARDOWN_FAILURE:
-            raise _err("teardown_failure", f"{tf!r} is not one of {', '.join(TEARDOWN_FAILURE)}")
-        kw["teardown_failure"] = tf
-
     rps = data.get("rps_cpus")
     if rps is not None:
         if not isinstance(rps, str):
@@ -220,35 +234,37 @@ def parse(data: dict[str, Any]) -> Config:
         if rps and (not _RPS_RE.fullmatch(rps) or not int(rps.replace(",", ""), 16)):
             raise _err("rps_cpus", f"{rps!r} is not a non-zero CPU mask in hex (e.g. \"1\" for CPU 0), or \"\"")
         kw["rps_cpus"] = rps
+    return kw
 
-    dns = _str(data, "dns", "dns")
-    if dns is not None:
-        if dns not in DNS_MODES:
-            raise _err("dns", f"{dns!r} is not one of {', '.join(DNS_MODES)}")
-        kw["dns"] = dns
 
-    rep_ = data.get("report", {})
-    if not isinstance(rep_, dict):
-        raise _err("report", "must be a table")
-    for key in rep_:
-        if key not in _REPORT_KEYS:
-            raise _err(f"report.{key}", "unknown key")
-    if "private" in rep_:
-        if not isinstance(rep_["private"], bool):
+def _choices(data: dict[str, Any]) -> dict[str, Any]:
+    """The keys that take one of a few words."""
+    kw: dict[str, Any] = {}
+    for key, allowed in _CHOICES.items():
+        value = _str(data, key, key)
+        if value is not None:
+            if value not in allowed:
+                raise _err(key, f"{value!r} is not one of {', '.join(allowed)}")
+            kw[key] = value
+    return kw
+
+
+def _report(rep: dict[str, Any]) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if "private" in rep:
+        if not isinstance(rep["private"], bool):
             raise _err("report.private", "must be true or false")
-        kw["report_private"] = rep_["private"]
-    if "admins" in rep_:
-        admins = rep_["admins"]
+        kw["report_private"] = rep["private"]
+    if "admins" in rep:
+        admins = rep["admins"]
         if not isinstance(admins, list) or not all(isinstance(a, str) and a for a in admins):
             raise _err("report.admins", "must be a list of user names or %groups")
         kw["report_admins"] = tuple(admins)
+    return kw
 
-    routed = data.get("routed", {})
-    if not isinstance(routed, dict):
-        raise _err("routed", "must be a table")
-    for key in routed:
-        if key not in _ROUTED_KEYS:
-            raise _err(f"routed.{key}", "unknown key")
+
+def _routed(routed: dict[str, Any]) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
     for key, lo, hi in (("prefixlen4", 8, 30), ("prefixlen6", 16, 120)):
         if key in routed:
             v = routed[key]
@@ -264,50 +280,36 @@ def parse(data: dict[str, Any]) -> Config:
     if len(set(nodes.values())) != len(nodes):
         raise _err("routed.nodes", "two nodes have the same index")
     kw["node_indices"] = dict(nodes)
+    return kw
 
-    classes_raw = data.get("classes", DEFAULT_CLASSES)
-    if not isinstance(classes_raw, dict):
+
+def _classes(raw: Any) -> dict[str, tuple[IPNetwork, ...]]:
+    if not isinstance(raw, dict):
         raise _err("classes", "must be a table of class = [prefixes]")
     classes: dict[str, tuple[IPNetwork, ...]] = {}
-    for name, prefixes in classes_raw.items():
+    for name, prefixes in raw.items():
         key = f"classes.{name}"
         if not _CLASS_RE.fullmatch(name):
-            raise _err(key, "class names are 1-16 of [a-z0-9_], starting with a letter")
+            raise _err(key, _CLASS_NAME_RULE)
         if not isinstance(prefixes, list):
             raise _err(key, "must be a list of prefixes")
         classes[name] = tuple(_network(p, key) for p in prefixes)
-    kw["classes"] = classes
+    return classes
 
-    default_class = _str(data, "default_class", "default_class")
-    if default_class is not None:
-        if not _CLASS_RE.fullmatch(default_class):
-            raise _err("default_class", "class names are 1-16 of [a-z0-9_], starting with a letter")
-        kw["default_class"] = default_class
 
-    pool = data.get("pool", {})
-    if not isinstance(pool, dict):
-        raise _err("pool", "must be a table")
-    for key in pool:
-        if key not in _POOL_KEYS:
-            raise _err(f"pool.{key}", "unknown key")
-    if "ipv4" in pool:
-        net = _network(pool["ipv4"], "pool.ipv4")
-        if net.version != 4:
-            raise _err("pool.ipv4", f"{net} is not an IPv4 prefix")
-        kw["pool_ipv4"] = net
-    if "ipv6" in pool:
-        net6 = _network(pool["ipv6"], "pool.ipv6")
-        if net6.version != 6:
-            raise _err("pool.ipv6", f"{net6} is not an IPv6 prefix")
-        kw["pool_ipv6"] = net6
+def _pool(pool: dict[str, Any], classes: dict[str, Any], default_class: str) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    for key, version in (("ipv4", 4), ("ipv6", 6)):
+        if key in pool:
+            net = _network(pool[key], f"pool.{key}")
+            if net.version != version:
+                raise _err(f"pool.{key}", f"{net} is not an IPv{version} prefix")
+            kw[f"pool_{key}"] = net
     if "class" in pool:
         kw["pool_class"] = _str(pool, "class", "pool.class")
     elif "lan" not in classes:
-        kw["pool_class"] = next(iter(classes), kw.get("default_class", "wan"))
-
-    cfg = Config(**kw)
-    _check(cfg)
-    return cfg
+        kw["pool_class"] = next(iter(classes), default_class)
+    return kw
 
 
 def _check(cfg: Config) -> None:

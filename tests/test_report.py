@@ -349,8 +349,16 @@ def test_rates_must_price_exactly_the_report_classes(dbs: tuple[Path, Path], tmp
 
 def test_database_is_opened_read_only(dbs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     before = dbs[0].read_bytes()
-    run(capsys, "--db", str(dbs[0]), *ALL)
+    os.chmod(dbs[0], 0o444)  # a write would fail: the report must not try one
+    try:
+        code, out, err = run(capsys, "--db", str(dbs[0]), *ALL, "-P", "-n", "-o", "JobID")
+    finally:
+        os.chmod(dbs[0], 0o600)
+    with sqlite3.connect(dbs[0]) as conn:
+        ids = [str(j) for (j,) in conn.execute("SELECT DISTINCT job_id FROM jobs ORDER BY job_id")]
+    assert (code, err) == (0, "") and out.split() == ids and len(ids) == 3
     assert dbs[0].read_bytes() == before
+    assert not os.path.exists(f"{dbs[0]}-journal")
     with sqlite3.connect(dbs[0]) as conn:
         assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone() == (3,)
 

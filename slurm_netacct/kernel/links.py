@@ -205,8 +205,11 @@ def stop_link(netns_path: Path, job_if: str, host_if: str) -> bool:
                 if found:
                     jpr.link("set", index=found[0], state="down")
                     return True
-        except Exception:  # the namespace went away meanwhile (OSError, NetlinkError): the host end
-            pass
+        except Exception as exc:  # the namespace went away meanwhile (OSError, NetlinkError): the host end
+            from ..log import get as get_log
+
+            get_log().info("link %s: its job end cannot be set down (%s); setting the node end down",
+                           host_if, exc)
     return link_down(host_if)
 
 
