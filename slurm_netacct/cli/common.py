@@ -55,9 +55,12 @@ class Command:
     stderr and that error's exit code; a closed pipe (`netacct-report | head`) ends quietly."""
 
     def __init__(self, prog: str, description: str, arguments: Callable[[Parser], None],
-                 body: Callable[[argparse.Namespace], int | None], extra_codes: dict[int, str] | None = None) -> None:
+                 body: Callable[[argparse.Namespace], int | None], extra_codes: dict[int, str] | None = None,
+                 summary: str | None = None) -> None:
         self.prog = prog
         self.description = description
+        # One line for the README's list of commands: the description's first sentence.
+        self.summary = summary or " ".join(description.split(". ")[0].split()).rstrip(".")
         self.arguments = arguments
         self.body = body
         self.extra_codes = extra_codes

@@ -33,8 +33,10 @@ def _count(text: str) -> int:
 
 
 def _arguments(p: Parser) -> None:
-    p.add_argument("--config", type=Path, help="config file (default: $NETACCT_CONFIG, /etc/slurm/netacct.toml)")
-    p.add_argument("--socket", type=Path, default=Path(os.environ.get("NETACCT_SOCKET", naming.DAEMON_SOCKET)),
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="config file (default: $NETACCT_CONFIG, /etc/slurm/netacct.toml)")
+    p.add_argument("--socket", type=Path, metavar="PATH",
+                   default=Path(os.environ.get("NETACCT_SOCKET", naming.DAEMON_SOCKET)),
                    help=f"the socket to listen on (default: $NETACCT_SOCKET, {naming.DAEMON_SOCKET})")
     p.add_argument("--workers", type=_positive, default=4, metavar="N",
                    help="worker threads: jobs worked on at once (default 4)")
@@ -64,5 +66,7 @@ def _body(args: argparse.Namespace) -> None:
     d.drain()
 
 
-COMMAND = Command("netacct-daemon", DESCRIPTION, _arguments, _body)
+COMMAND = Command("netacct-daemon", DESCRIPTION, _arguments, _body,
+                  summary="The resident service that does the prolog's and the epilog's work "
+                          "(see \"Installing on a cluster\", step 6)")
 main = COMMAND.main

@@ -47,7 +47,7 @@ def _arguments(p: Parser) -> None:
     sel.add_argument("-a", "--allusers", action="store_true",
                      help="every user's jobs (the default for root and report admins)")
     out = p.add_argument_group("output")
-    out.add_argument("-o", "--format", metavar="FIELD[%%WIDTH],...",
+    out.add_argument("-o", "--format", metavar="FIELD[%WIDTH],...",
                      help="columns to show; --helpformat lists them")
     out.add_argument("--helpformat", action="store_true", help="list the fields -o accepts")
     out.add_argument("-p", "--parsable", action="store_true", help="'|'-separated, with a trailing '|'")
