@@ -57,7 +57,7 @@ def readme_block() -> str:
              "  `SLURM_JOB_ACCOUNT`, `SLURM_JOB_PARTITION`, `SLURM_JOB_RESTART_COUNT`). Idempotent."]
     for cmd in COMMANDS:
         lines.append(f"- `{synopsis(cmd)}`: {cmd.summary[0].lower()}{cmd.summary[1:]}.")
-    lines += ["", f"Every option of every command: [doc/commands.md](doc/commands.md) (their `--help`).", END]
+    lines += ["", "Every option of every command: [doc/commands.md](doc/commands.md) (their `--help`).", END]
     return "\n".join(lines)
 
 
