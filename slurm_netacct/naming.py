@@ -140,13 +140,19 @@ def nft_set(run: int, klass: str, version: int) -> str:
 
 
 def node_mark(netns_inode: int, ruleset: str) -> Path:
-    """The file that says "this node namespace has this node ruleset" (cleared at boot)."""
-    return RUN_DIR / f"node-{netns_inode}-{hashlib.sha256(ruleset.encode()).hexdigest()[:16]}"
+    """The file that says "this node namespace has this node rule set" (cleared at boot)."""
+    return RUN_DIR / f"node-{netns_inode}-nat-{hashlib.sha256(ruleset.encode()).hexdigest()[:16]}"
 
 
 def node_marks_glob(netns_inode: int) -> str:
-    """The glob (in RUN_DIR) of every node mark of one node namespace."""
-    return f"node-{netns_inode}-*"
+    """The glob (in RUN_DIR) of the node rule set marks of one node namespace."""
+    return f"node-{netns_inode}-nat-*"
+
+
+def forwarding_mark(netns_inode: int, version: int) -> Path:
+    """The file that keeps what IPv4 or IPv6 forwarding of a node namespace was before a
+    prolog turned it on (for netacct-reconcile --remove-node; cleared at boot, as the setting)."""
+    return RUN_DIR / f"node-{netns_inode}-forwarding-v{version}"
 
 
 def lock_path(job_id: int) -> Path:

@@ -611,3 +611,47 @@ def test_spool_replay_takes_only_valid_records_of_its_own_node(tmp_path: Path) -
         with pytest.raises(config.ConfigError, match="config key 'spool_dir'"):
             config.parse({"spool_dir": bad})
     assert config.parse({}).spool_for("n1") == Path("/var/spool/slurm-netacct")
+
+
+def _node_setup(node: Node) -> tuple[str, str, bool]:
+    """(IPv4 forwarding, IPv6 forwarding, whether the node's NAT rules exist) of the sandbox node."""
+    ns = node.topo.node
+    fwd = in_ns(ns, "sysctl", "-n", "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding").stdout.split()
+    if node.backend == "nftables":
+        nat = "netacct_node" in in_ns(ns, "nft", "list", "tables").stdout
+    else:
+        nat = "NETACCT_NAT" in in_ns(ns, "iptables-legacy", "-t", "nat", "-S").stdout
+    return fwd[0], fwd[1], nat
+
+
+def test_remove_node_undoes_the_node_setup_once_no_job_is_left(node: Node) -> None:
+    ns = node.topo.node
+    in_ns(ns, "nft", "flush", "ruleset")  # the sandbox node as at boot: no firewall state ...
+    for tool in ("iptables-legacy", "ip6tables-legacy"):
+        in_ns(ns, tool, "-t", "nat", "-F")
+        in_ns(ns, tool, "-t", "nat", "-X")
+    in_ns(ns, "sysctl", "-qw", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0")  # ... no forwarding
+    ino = os.stat(f"/run/netns/{ns}").st_ino
+    for mark in Path("/run/slurm-netacct").glob(f"node-{ino}-*"):  # and /run, as at boot
+        mark.unlink()
+    job = 8400
+    node.prolog(job)
+    assert _node_setup(node) == ("1", "1", True)
+    r = reconcile(node, "--active", str(job), "--remove-node")  # the job is still running
+    assert r.returncode == 7 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"netacct-reconcile: 1 jobs still have objects on n1 (job {job}: namespace ")
+    assert r.stderr.rstrip().endswith("nothing removed")
+    assert _node_setup(node) == ("1", "1", True)
+    node.epilog(job)
+    r = reconcile(node, "--active", "", "--remove-node")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"node n1: removed {node.backend} node rules",
+                                     "node n1: removed net/ipv4/ip_forward back to 0",
+                                     "node n1: removed net/ipv6/conf/all/forwarding back to 0"]
+    assert _node_setup(node) == ("0", "0", False)
+    assert not list(Path("/run/slurm-netacct").glob(f"node-{ino}-*"))
+    r = reconcile(node, "--active", "", "--remove-node")  # again: nothing left to remove
+    assert (r.returncode, r.stdout) == (0, ""), r.stderr
+    node.prolog(job + 1)  # and the next job sets the node up again
+    assert _node_setup(node) == ("1", "1", True)
+    node.epilog(job + 1)

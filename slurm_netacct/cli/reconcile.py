@@ -18,6 +18,10 @@ def _arguments(p: Parser) -> None:
     p.add_argument("--active", metavar="ID[,ID...]",
                    help="the jobs active on this node, instead of asking squeue ('' for none)")
     p.add_argument("--dry-run", action="store_true", help="only list what would be reconciled")
+    p.add_argument("--remove-node", action="store_true",
+                   help="then, if no job is left on this node, also remove what the prologs set up for "
+                        "all jobs: the node's NAT rules, and forwarding where a prolog turned it on "
+                        "(to uninstall slurm-netacct)")
 
 
 def _body(args: argparse.Namespace) -> int | None:
@@ -34,14 +38,19 @@ def _body(args: argparse.Namespace) -> int | None:
     if active is None:
         COMMAND.complain(f"SLURM cannot be asked which jobs run on {node}: nothing touched "
                          f"({len(result.found)} jobs with leftovers)")
-        return None
+        return RECONCILE_FAILED if args.remove_node else None
     for job, what in sorted(result.found.items()):
         if job in result.kept:
             continue
         done = result.reconciled.get(job) or (f"FAILED: {result.failed[job]}" if job in result.failed
                                               else "would be reconciled")
         print(f"job {job}: {'; '.join(what)} -> {done}")
-    return RECONCILE_FAILED if result.failed else None
+    if result.failed:
+        return RECONCILE_FAILED
+    if args.remove_node and not args.dry_run:
+        for what in reaper.remove_node(cfg, node):
+            print(f"node {node}: removed {what}")
+    return None
 
 
 COMMAND = Command("netacct-reconcile",

@@ -31,10 +31,6 @@ def _netns_id() -> int:
     return os.stat("/proc/thread-self/ns/net").st_ino
 
 
-def _forwarding_mark(version: int) -> str:
-    return f"forwarding-{_netns_id()}-v{version}"
-
-
 def enable_forwarding(ipv6: bool) -> None:
     """Forwarding on, for IPv4 (and IPv6 with an IPv6 pool), as every job's traffic needs it.
 
@@ -46,7 +42,7 @@ def enable_forwarding(ipv6: bool) -> None:
             get_log().warning("forwarding (%s) was %s on this node: turned on", FORWARDING[version], old)
             try:
                 naming.RUN_DIR.mkdir(parents=True, exist_ok=True)
-                (naming.RUN_DIR / _forwarding_mark(version)).write_text(old)
+                naming.forwarding_mark(_netns_id(), version).write_text(old)
             except OSError as exc:  # only the uninstall path needs it
                 get_log().error("cannot record that forwarding was %s: %s", old, exc.strerror or exc)
 
@@ -56,7 +52,7 @@ def remove_node(cfg: Config) -> list[str]:
     backends, whichever exist) and forwarding, where a prolog turned it on. What was undone."""
     done = [f"{n.name} node rules" for n in (NftNat(), IptNat()) if n.remove(cfg)]
     for version, name in FORWARDING.items():
-        mark = naming.RUN_DIR / _forwarding_mark(version)
+        mark = naming.forwarding_mark(_netns_id(), version)
         try:
             old = mark.read_text().strip()
         except FileNotFoundError:

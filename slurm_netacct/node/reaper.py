@@ -23,7 +23,7 @@ from ..log import get as get_log
 from ..states import State
 from ..store import db as store
 from ..store import spool
-from . import lifecycle
+from . import lifecycle, nat
 from .locks import job_lock
 
 # Job states in which a job may still have (or be about to get) its namespace on a node.
@@ -162,3 +162,17 @@ def _job_info(cfg: Config, node: str, job: int) -> store.JobInfo:
         if newest is not None:
             return newest
     return store.JobInfo(job_id=job, node=node)
+
+
+def remove_node(cfg: Config, node: str) -> list[str]:
+    """Undo what the prologs set up on this node once no job of the project is left on it:
+    the node's NAT rules (both firewall backends) and forwarding where a prolog turned it
+    on. SetupError, touching nothing, while any job still has something here. What was undone."""
+    left = leftovers(cfg, node)
+    if left:
+        first = min(left)
+        raise SetupError(f"{len(left)} jobs still have objects on {node} (job {first}: "
+                         f"{'; '.join(left[first])}): nothing removed")
+    done = nat.remove_node(cfg)
+    get_log().warning("node %s: removed %s", node, ", ".join(done) if done else "nothing (nothing was set up)")
+    return done
