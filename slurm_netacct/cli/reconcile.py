@@ -7,7 +7,7 @@ import os
 
 from .. import config as config_mod
 from ..log import setup as setup_log
-from ..node import hooks, reaper
+from ..node import agreement, hooks, reaper
 from .common import NODE_HELP, Command, Parser, job_ids, node_name
 
 RECONCILE_FAILED = 7  # SetupError's code: something could not be removed
@@ -28,7 +28,10 @@ def _body(args: argparse.Namespace) -> int | None:
     os.environ.setdefault("PATH", hooks.SAFE_PATH)
     os.umask(0o077)
     cfg = config_mod.load()
-    setup_log(cfg.log_file, COMMAND.prog)
+    log = setup_log(cfg.log_file, COMMAND.prog)
+    for line in agreement.disagreements(cfg):  # run before slurmd starts: the place to say it
+        log.warning("%s", line)
+        COMMAND.complain(f"warning: {line}")
     node = node_name(args.node)
     if args.active is not None:
         active = (job_ids([args.active], "--active") or set()) if args.active.strip() else set()

@@ -129,6 +129,10 @@ class Daemon:
         for i in range(self.workers):
             threading.Thread(target=self._work, name=f"worker-{i}", daemon=True).start()
         self.log.info("listening on %s (config %s)", self.sock_path, self.cfg_path)
+        from .agreement import disagreements
+
+        for line in disagreements(self.cfg):
+            self.log.warning("%s", line)
 
     def serve_forever(self) -> None:
         assert self.sock is not None

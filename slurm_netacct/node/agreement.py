@@ -1,0 +1,96 @@
+"""Do the SPANK plugin and the PAM module look for job namespaces where the prolog makes them?
+
+The same `netns_dir` and prefix are configured three times: in netacct.toml (the prolog's),
+in plugstack.conf (the plugin's `netns_dir=` and `prefix=`) and in sshd's PAM stack (the
+module's). If they differ, every task fails to find its namespace. This reads the other two
+and says where they disagree; the service and netacct-reconcile log it at start.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shlex
+from pathlib import Path
+
+from ..config import Config
+
+DEFAULT_PLUGSTACK = Path("/etc/slurm/plugstack.conf")
+DEFAULT_PAM = Path("/etc/pam.d/sshd")
+PLUGIN, PAM_MODULE = "netacct.so", "pam_netacct.so"
+C_DEFAULTS = {"netns_dir": "/run/netns", "prefix": "netacct-"}  # spank/netacct-path.h's
+
+
+def plugstack_path(env: dict[str, str] | None = None) -> Path:
+    """plugstack.conf as slurmd finds it: slurm.conf's PlugStackConfig, else beside slurm.conf."""
+    env = dict(os.environ) if env is None else env
+    conf = Path(env.get("SLURM_CONF") or "/etc/slurm/slurm.conf")
+    try:
+        for line in conf.read_text(errors="replace").splitlines():
+            key, sep, value = line.split("#", 1)[0].strip().partition("=")
+            if sep and key.strip().lower() == "plugstackconfig":
+                return Path(value.strip())
+    except OSError:
+        pass
+    return conf.parent / "plugstack.conf"
+
+
+def _lines(path: Path, seen: set[Path]) -> list[tuple[Path, list[str]]]:
+    """plugstack.conf's lines as words, `include` followed (globs, once each)."""
+    if path in seen:
+        return []
+    seen.add(path)
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    out: list[tuple[Path, list[str]]] = []
+    for line in text.splitlines():
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError:
+            continue
+        if words[:1] == ["include"] and len(words) > 1:
+            for inc in sorted(glob.glob(words[1])):
+                out += _lines(Path(inc), seen)
+        elif words:
+            out.append((path, words))
+    return out
+
+
+def _args(words: list[str]) -> dict[str, str]:
+    return dict(w.split("=", 1) for w in words if "=" in w)
+
+
+def plugin_lines(plugstack: Path) -> list[tuple[Path, dict[str, str]]]:
+    """(file, arguments) of every line that loads the netacct SPANK plugin."""
+    return [(p, _args(w[2:])) for p, w in _lines(plugstack, set())
+            if len(w) >= 2 and w[0] in ("required", "optional") and Path(w[1]).name == PLUGIN]
+
+
+def pam_lines(pam: Path) -> list[tuple[Path, dict[str, str]]]:
+    """(file, arguments) of every line of a PAM stack that uses pam_netacct.so."""
+    out = []
+    for p, w in _lines(pam, set()):
+        for i, word in enumerate(w):
+            if Path(word).name == PAM_MODULE:
+                out.append((p, _args(w[i + 1:])))
+    return out
+
+
+def disagreements(cfg: Config, plugstack: Path | None = None, pam: Path | None = None) -> list[str]:
+    """One line for each place whose netns_dir or prefix differs from the configuration's."""
+    want = {"netns_dir": str(cfg.netns_dir).rstrip("/") or "/", "prefix": cfg.netns_prefix}
+    out = []
+    for what, lines in (("SPANK plugin", plugin_lines(plugstack or plugstack_path())),
+                        ("PAM module", pam_lines(pam or DEFAULT_PAM))):
+        for path, args in lines:
+            for key, value in want.items():
+                theirs = args.get(key, C_DEFAULTS[key])
+                if key == "netns_dir":
+                    theirs = theirs.rstrip("/") or "/"
+                if theirs != value:
+                    out.append(f"{path}: the {what}'s {key}={theirs} differs from the config's {value} "
+                               f"({'netns_dir' if key == 'netns_dir' else 'netns_prefix'}): its jobs' "
+                               "namespaces will not be found")
+    return out
