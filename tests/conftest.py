@@ -177,7 +177,7 @@ class Node:
         self.stop_daemon()
 
 
-@pytest.fixture(params=["nftables", "iptables"])
+@pytest.fixture(params=["nftables", pytest.param("iptables", marks=pytest.mark.slow)])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, need_root
 
 
+@pytest.mark.slow
 def test_throughput_bench_runs(tmp_path: Path) -> None:
     need_root()
     out = tmp_path / "r.json"
@@ -23,6 +26,7 @@ def test_throughput_bench_runs(tmp_path: Path) -> None:
         assert res["job0"] > 0 and res["jobN"] > 0 and res["job0_rps"] > 0
 
 
+@pytest.mark.slow
 def test_hooks_bench_runs(tmp_path: Path) -> None:
     need_root()
     out = tmp_path / "h.json"

@@ -127,6 +127,7 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.slow
 def test_daemon_memory_stays_flat(dnode: Node) -> None:
     """A short version of bench/hooks.py --cycles 10000: RSS after warm-up vs. after more jobs."""
     assert dnode.daemon is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sqlite3
 import stat
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import JOB_PREFIX, Node, project_leftovers
+from conftest import JOB_PREFIX, TAG, Node, project_leftovers
 from slurm_netacct import naming
 from topology import LAN4, PORT, WAN6, in_ns
 
@@ -50,6 +51,7 @@ def test_epilog_without_prolog_succeeds(node: Node) -> None:
     assert "nothing to tear down" in node.log.read_text()
 
 
+@pytest.mark.slow
 def test_concurrent_jobs_get_distinct_addresses(node: Node) -> None:
     jobs = [3010 + i for i in range(6)]
     procs = [subprocess.Popen(["nsenter", f"--net=/run/netns/{node.topo.node}", str(Path(__file__).parents[1] / "prolog")],
@@ -270,3 +272,29 @@ def test_a_prolog_killed_between_creating_and_mounting_its_namespace_file(nft_no
     assert "removing a half-made setup" in nft_node.log.read_text()
     nft_node.epilog(3090)
     assert not os.path.lexists(nft_node.netns_path(3090))
+
+
+def test_the_node_table_follows_the_last_ruleset_installed(tmp_path: Path) -> None:
+    """A job with another pool (or DNS stub) replaces the node table; a job with the first
+    one's must get it back, not find a stale "already installed" mark of it."""
+    from slurm_netacct import config
+    from slurm_netacct.kernel import netns
+    from slurm_netacct.node.nat import NftNat
+    from slurm_netacct.node.plan import NodePlan
+    from topology import sh
+
+    ns = f"{TAG}nattab"
+    sh("ip", "netns", "add", ns)
+    try:
+        cfg = config.parse({})
+        with6 = NodePlan("n1", "up0", ipaddress.IPv4Network("100.64.0.0/16"), ipaddress.IPv6Network("fd00:1::/64"))
+        without6 = NodePlan("n1", "up0", ipaddress.IPv4Network("100.64.0.0/30"), None)
+        with netns.entered(Path(f"/run/netns/{ns}")):
+            for plan in (with6, without6, with6, without6):
+                NftNat().install(cfg, plan)
+                table = sh("nft", "list", "table", "inet", "netacct_node").stdout
+                assert ("ip6 saddr fd00:1::/64 masquerade" in table) == (plan is with6), table
+                assert f"ip saddr {plan.pool4} masquerade" in table
+            assert NftNat().remove(cfg)
+    finally:
+        sh("ip", "netns", "del", ns, check=False)

@@ -83,6 +83,7 @@ def test_reconcile_leaves_active_jobs_alone(node: Node) -> None:
     node.epilog(8002)
 
 
+@pytest.mark.slow
 def test_reconcile_touches_nothing_when_slurm_cannot_be_asked(node: Node, tmp_path: Path) -> None:
     node.prolog(8004)
     env = dict(os.environ, NETACCT_CONFIG=str(node.config_path), SLURMD_NODENAME="n1",
@@ -131,6 +132,7 @@ def test_epilog_killed_at_every_step_loses_no_counted_traffic(node: Node, step: 
     assert project_leftovers(node.topo) == []
 
 
+@pytest.mark.slow
 def test_64_jobs_land_at_once_and_leave_at_once(nft_node: Node) -> None:
     node = nft_node
     node.start_daemon()
@@ -177,6 +179,7 @@ def _kill_after(node: Node, which: str, job: int, delay: float) -> int:
     return p.wait()
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_50_times_each(nft_node: Node) -> None:
     """Kill the prolog and the epilog at random moments; the next run or the reaper always
     leaves the node clean and keeps every counted byte that still existed."""
@@ -355,6 +358,7 @@ def test_a_spool_that_cannot_be_written_keeps_the_counters(topo, tmp_path: Path,
         node.cleanup()
 
 
+@pytest.mark.slow
 def test_many_cycles_leave_nothing_behind(topo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A reduced version of the 1000-cycle leak run: after N jobs through the service there is
     no namespace, link, route, rule, lease, file or descriptor more than after the first few,
@@ -490,6 +494,7 @@ def _run_traffic(node: Node, job: int, restart: int = 0) -> dict[str, tuple[int,
             "AND restart = ?", (job, restart))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("after", ["reconcile", "epilog", "requeue"])
 def test_a_node_reboot_mid_job_loses_only_the_traffic_since_the_last_sample(node: Node, after: str) -> None:
     """Uploads with netacct-sample runs between them, then the node reboots. Whatever runs

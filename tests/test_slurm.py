@@ -25,6 +25,8 @@ from conftest import ROOT, VENV_BIN, need_root
 from slurmharness import NodeSpec, SlurmCluster, ensure_user, make_workdir
 from topology import CTL4, LAN4, PORT, WAN4, Topology, in_ns
 
+pytestmark = pytest.mark.e2e
+
 USER = "netacct-test"
 BASE = f"nse{os.getpid() % 100000}-"
 JOB_PREFIX = f"{BASE}%h-"  # several slurmd share this host's /run/netns: the host name keeps them apart

@@ -1,6 +1,6 @@
 """Self-check of tests/slurmharness.py: real SLURM clusters in throwaway network namespaces.
 
-Needs root and the Debian slurm-wlm/munge packages; skipped otherwise. Everything it makes
+Needs root and the Debian slurm-wlm/munge packages (scripts/bootstrap installs them). Everything it makes
 (namespaces slh-<pid>-*, the bridge and veths inside them, daemons) is removed at the end.
 """
 
@@ -16,10 +16,14 @@ import pytest
 
 from slurmharness import BridgeLab, SlurmCluster, ensure_user, make_workdir, netns_path
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "sbatch")),
-    reason="needs root and slurm-wlm + munge installed",
-)
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _slurm_installed() -> None:
+    """Fails (never skips): scripts/bootstrap installs SLURM and munge, and the suite runs as root."""
+    if os.geteuid() != 0 or not all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "sbatch")):
+        pytest.fail("needs root and slurm-wlm + munge (scripts/bootstrap installs them)", pytrace=False)
 
 USER = "netacct-test"
 

@@ -26,6 +26,8 @@ from conftest import ROOT, VENV_BIN, need_root
 from slurmharness import NodeSpec, SlurmCluster, ensure_user, make_workdir
 from topology import CTL4, PORT, WAN4, Topology, in_ns
 
+pytestmark = pytest.mark.e2e
+
 USER = "netacct-test"
 TAG = f"nss{os.getpid() % 100000}-"
 JOB_PREFIX = f"{TAG}%h-"

@@ -105,19 +105,25 @@ class NftNat:
         return "\n".join(lines) + "\n"
 
     def install(self, cfg: Config, plan: NodePlan) -> None:
-        """Replace the node table, unless this exact ruleset is already in place."""
+        """Replace the node table, unless this exact ruleset is already in place.
+
+        Its mark (a file in RUN_DIR named after the ruleset) says so; installing a ruleset
+        removes the marks of every other one of this node, so that a mark never outlives the
+        table it describes (a job with another pool or DNS stub replaced it meanwhile)."""
         from ..kernel import nftlib, nftread
 
         text = self.ruleset(cfg, plan)
         mark = naming.node_mark(_netns_id(), text)
         if mark.exists() and nftread.table_exists(naming.NODE_NFT_TABLE):
             return
+        for old in naming.RUN_DIR.glob(naming.node_marks_glob(_netns_id())):
+            old.unlink(missing_ok=True)
         nftlib.run(text)
         try:
             mark.parent.mkdir(parents=True, exist_ok=True)
             mark.write_text(text)
-        except OSError:
-            pass  # only an optimisation: next time the table is rebuilt again
+        except OSError as exc:  # only an optimisation: the next prolog rebuilds the table
+            get_log().info("cannot write %s (%s): the next job rebuilds the node table", mark, exc.strerror or exc)
 
     def remove(self, cfg: Config) -> bool:
         from ..kernel import nftlib, nftread
