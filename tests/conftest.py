@@ -24,6 +24,19 @@ JOB_PREFIX = f"{TAG}j-"
 POOL6 = "fd00:6e61:6363::/64"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that builds on the sandbox network is marked `sandbox` (a tier of its own)."""
+    for item in items:
+        if "topo" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.sandbox)
+
+
+def fast_few(values: list[Any], keep: list[Any]) -> list[Any]:
+    """Parameters for a test whose every case runs in CI, but only `keep` in the fast tier
+    (`-m "not slow and not e2e"`): the others are marked slow."""
+    return [v if v in keep else pytest.param(v, marks=pytest.mark.slow) for v in values]
+
+
 def need_root() -> None:
     if os.geteuid() != 0:
         pytest.fail("this test needs root (network namespaces); run the suite as root", pytrace=False)

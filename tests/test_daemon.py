@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import VENV_BIN, Node, project_leftovers
+from conftest import VENV_BIN, Node, fast_few, project_leftovers
 from topology import PORT, WAN4, Topology
 
 
@@ -272,8 +272,9 @@ class FakeDaemon:
         self.thread.join(timeout=5)
 
 
-@pytest.mark.parametrize("answer", [b"abc\n", b"0", b"0 done", b"300 x\n", b"-1 x\n", b"007 x\n",
-                                    b" 0 x\n", b"0 two\nlines\n", b"0\n", b"1e1 x\n", b"0 x\n\0"])
+@pytest.mark.parametrize("answer", fast_few([b"abc\n", b"0", b"0 done", b"300 x\n", b"-1 x\n", b"007 x\n",
+                                             b" 0 x\n", b"0 two\nlines\n", b"0\n", b"1e1 x\n", b"0 x\n\0"],
+                                            [b"0 done", b"300 x\n"]))
 def test_an_answer_the_client_cannot_parse_makes_the_hook_run_itself(
         topo: Topology, tmp_path: Path, answer: bytes) -> None:
     node = Node(topo, tmp_path, "nftables")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import JOB_PREFIX, TAG, Node, project_leftovers
+from conftest import JOB_PREFIX, TAG, Node, fast_few, project_leftovers
 from slurm_netacct import naming
 from topology import LAN4, PORT, WAN6, in_ns
 
@@ -71,7 +71,7 @@ def test_concurrent_jobs_get_distinct_addresses(node: Node) -> None:
     assert _rows(node.db, "SELECT * FROM leases") == []
 
 
-@pytest.mark.parametrize("step", ["lease", "netns", "link", "rules", "node"])
+@pytest.mark.parametrize("step", fast_few(["lease", "netns", "link", "rules", "node"], ["rules"]))
 def test_a_failure_midway_rolls_back_everything(node: Node, step: str) -> None:
     r = node.hook("prolog", 3020, NETACCT_FAILPOINT=step)
     assert r.returncode == 7, r.stderr
@@ -97,8 +97,8 @@ def test_a_broken_iptables_rolls_back(topo, tmp_path: Path) -> None:  # type: ig
     assert project_leftovers(topo) == []
 
 
-@pytest.mark.parametrize("job_id", ["", "abc", "../x", "12/../../etc", "0", "007", "-1", "4294967296",
-                                    "99999999999999999999999", " 42", "42\n"])
+@pytest.mark.parametrize("job_id", fast_few(["", "abc", "../x", "12/../../etc", "0", "007", "-1", "4294967296",
+                                             "99999999999999999999999", " 42", "42\n"], ["../x", "42\n"]))
 def test_bad_job_ids_are_refused_and_nothing_is_made(nft_node: Node, job_id: str) -> None:
     for which in ("prolog", "epilog"):
         r = nft_node.hook(which, job_id)

@@ -201,6 +201,7 @@ def test_unreadable_job_is_an_error_and_the_others_are_still_sampled(nft_node: N
     assert _job(nft_node, bad)[0] == "lost"
 
 
+@pytest.mark.slow
 def test_reading_many_namespaces_in_batches(nft_node: Node, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """nftread.read_tables joins one namespace after another and goes home once a batch:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TAG, VENV_BIN, Node, project_leftovers
+from conftest import TAG, VENV_BIN, Node, fast_few, project_leftovers
 from slurm_netacct import naming
 from topology import PORT, WAN4, in_ns
 
@@ -96,7 +96,7 @@ def test_reconcile_touches_nothing_when_slurm_cannot_be_asked(node: Node, tmp_pa
     node.epilog(8004)
 
 
-@pytest.mark.parametrize("step", SETUP_STEPS)
+@pytest.mark.parametrize("step", fast_few(SETUP_STEPS, ["link"]))
 def test_prolog_killed_at_every_step(node: Node, step: str) -> None:
     """SIGKILL mid-prolog: a second prolog for the job recovers; so does the reaper."""
     for job, recover in ((8010, "prolog"), (8011, "reconcile")):
@@ -117,7 +117,7 @@ def test_prolog_killed_at_every_step(node: Node, step: str) -> None:
         assert conn.execute("SELECT * FROM leases").fetchall() == []
 
 
-@pytest.mark.parametrize("step", TEARDOWN_STEPS)
+@pytest.mark.parametrize("step", fast_few(TEARDOWN_STEPS, ["stored"]))
 def test_epilog_killed_at_every_step_loses_no_counted_traffic(node: Node, step: str) -> None:
     job = 8020
     node.prolog(job)
