@@ -36,6 +36,19 @@ class Counter(Protocol):
         """Let go of the counters once they are stored (what the namespace does not take along)."""
 
 
+class ReadsInBulk:
+    """read() as read_many() of one job, for ways of counting whose bulk read is the primitive."""
+
+    def read_many(self, cfg: Config, jobs: Sequence[JobNames]) -> dict[str, Counters | str]:
+        raise NotImplementedError
+
+    def read(self, cfg: Config, job: JobNames) -> Counters:
+        got = self.read_many(cfg, [job])[job.netns]
+        if isinstance(got, str):
+            raise SetupError(got)
+        return got
+
+
 def firewall(cfg: Config) -> str:
     """The firewall backend the configuration asks for: `auto` is nftables unless the host's
     iptables is the legacy variant."""

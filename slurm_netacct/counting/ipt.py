@@ -25,6 +25,7 @@ from ..kernel.netns import run_in_netns, setns
 from ..naming import JobNames
 from ..node.plan import NodePlan
 from ..traffic import DIRECTIONS, Count, Counters
+from . import ReadsInBulk
 from .rules import ICMPV6_LINK_TYPES, rules
 
 
@@ -139,7 +140,7 @@ def _ipt_read_many(cfg: Config, version: int, paths: list[Path]) -> dict[str, An
     return out
 
 
-class Iptables:
+class Iptables(ReadsInBulk):
     """iptables backend (python-iptables, legacy x_tables): chains in each job namespace."""
 
     name = "iptables"
@@ -161,12 +162,6 @@ class Iptables:
             raise
         except Exception as exc:  # iptc.IPTCError and friends
             raise SetupError(f"iptables: {exc}") from None
-
-    def read(self, cfg: Config, job: JobNames) -> Counters:
-        got = self.read_many(cfg, [job])[job.netns]
-        if isinstance(got, str):
-            raise SetupError(got)
-        return got
 
     def read_many(self, cfg: Config, jobs: Sequence[JobNames]) -> dict[str, Counters | str]:
         """The counters of many jobs with two child processes in all (one per family, each

@@ -13,14 +13,15 @@ from collections.abc import Sequence
 
 from .. import naming
 from ..config import Config
-from ..errors import NetacctError, SetupError
+from ..errors import NetacctError
 from ..naming import JobNames
 from ..node.plan import NodePlan
 from ..traffic import DIRECTIONS, Count, Counters, empty_counters
+from . import ReadsInBulk
 from .rules import ICMPV6_LINK_NAMES, match_runs
 
 
-class Nftables:
+class Nftables(ReadsInBulk):
     """nftables backend: a table `inet netacct` with named counters in each job namespace."""
 
     name = "nftables"
@@ -77,13 +78,6 @@ class Nftables:
 
         # setup_job calls this right after creating the namespace: nothing to replace.
         nftlib.run(self.ruleset(cfg, plan, fresh=True), job.netns_path)
-
-    def read(self, cfg: Config, job: JobNames) -> Counters:
-        """The job's named counters, straight from netlink (see nftread: ~40 us a job)."""
-        got = self.read_many(cfg, [job])[job.netns]
-        if isinstance(got, str):
-            raise SetupError(got)
-        return got
 
     def read_many(self, cfg: Config, jobs: Sequence[JobNames]) -> dict[str, Counters | str]:
         """read() for many jobs, each namespace joined once (nftread.read_tables), by

@@ -266,29 +266,29 @@ def iter_jobs(paths: Iterable[Path], query: Query = Query(), classes: list[str] 
     merged = heapq.merge(*(read.node_rows(p, rows, classes) for p in sources), key=_KEY)
     group: list[Row] = []
     differing: list[str] = []  # nodes of the group's rows whose copies disagreed
-    wants = query.wants
     for row, differs in _final_rows(merged):
         if group and group[0][0] != row[0]:
-            rec = _build(group, classes)
-            if wants(rec):
-                if differing:
-                    notes.add_differing(len(differing), (rec.job_id, differing[0]))
-                yield rec
-            elif query.unbilled(rec):
-                notes.unbilled_running += 1
+            yield from _selected(group, differing, classes, query, notes)
             group = []
             differing = []
         group.append(row)
         if differs:
             differing.append(row[1])
     if group:
-        rec = _build(group, classes)
-        if wants(rec):
-            if differing:
-                notes.add_differing(len(differing), (rec.job_id, differing[0]))
-            yield rec
-        elif query.unbilled(rec):
-            notes.unbilled_running += 1
+        yield from _selected(group, differing, classes, query, notes)
+
+
+def _selected(group: list[Row], differing: list[str], classes: list[str], query: Query,
+              notes: Notes) -> Iterator[JobRecord]:
+    """One job's record from its node rows, if the query wants it (noted: copies that differed,
+    or a running job left out of a bill)."""
+    rec = _build(group, classes)
+    if query.wants(rec):
+        if differing:
+            notes.add_differing(len(differing), (rec.job_id, differing[0]))
+        yield rec
+    elif query.unbilled(rec):
+        notes.unbilled_running += 1
 
 
 def load(paths: Iterable[Path], job_ids: set[int] | None = None) -> list[JobRecord]:
