@@ -181,12 +181,21 @@ def delete_link(name: str, index: int | None = None) -> bool:
 def link_down(name: str) -> bool:
     """Set a link down (no packet passes a veth whose end is down); False if there is none.
 
-    Much cheaper than deleting it (~0.2 ms against ~15 ms measured here)."""
+    Much cheaper than deleting it (~0.2 ms against ~15 ms measured here). A veth whose other
+    end's namespace was just removed goes away by itself, maybe between the look-up and the
+    request: that is no link either."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
     with _ipr() as ipr:
         found = ipr.link_lookup(ifname=name)
         if not found:
             return False
-        ipr.link("set", index=found[0], state="down")
+        try:
+            ipr.link("set", index=found[0], state="down")
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return False
+            raise SetupError(f"cannot set link {name} down: {exc}") from None
     return True
 
 
