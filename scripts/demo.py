@@ -35,10 +35,11 @@ def main() -> int:
     work = make_workdir("netacct-demo")
     shutil.copy(ROOT / "tests" / "traffic.py", work / "traffic.py")
     cfg = work / "netacct.toml"
-    cfg.write_text(f'uplink = "up0"\nnetns_prefix = "{tag}job-"\nmode = "routed"\n'
-                   f'db = "{work}/%n.db"\nlog_file = "{work}/netacct.log"\nspool_dir = "{work}/spool"\n')
-    env = dict(os.environ, NETACCT_CONFIG=str(cfg))
     topo = Topology(tag, nodes=("n1",), controller=True)
+    cfg.write_text(f'uplink = "up0"\nnetns_prefix = "{tag}job-"\nmode = "routed"\n'
+                   f'db = "{work}/%n.db"\nlog_file = "{work}/netacct.log"\nspool_dir = "{work}/spool"\n'
+                   f'bpffs = "{topo.bpffs}"\n')
+    env = dict(os.environ, NETACCT_CONFIG=str(cfg))
     print(f"demo: sandbox network: {', '.join(topo.namespaces)}")
     topo.up()
     slurm = None

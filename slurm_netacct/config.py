@@ -23,6 +23,8 @@ DEFAULT_CLASSES: dict[str, list[str]] = {
 }
 _CLASS_RE = re.compile(r"[a-z][a-z0-9_]{0,15}")
 FIREWALLS = ("auto", "nftables", "iptables")
+COUNTINGS = ("auto", "bpf", "netfilter")
+MAX_CLASSES = 32  # counters a job has: classes (with the default one) in both directions
 MODES = ("nat", "routed")
 DNS_MODES = ("auto", "off")
 _ROUTED_KEYS = {"prefixlen4", "prefixlen6", "nodes"}
@@ -30,7 +32,7 @@ _ROUTED_KEYS = {"prefixlen4", "prefixlen6", "nodes"}
 _TOP_KEYS = {
     "uplink", "netns_prefix", "ifname_prefix", "db", "default_class", "firewall", "mode",
     "log_file", "netns_dir", "pool", "classes", "routed", "dns", "report", "teardown_failure",
-    "spool_dir", "rps_cpus",
+    "spool_dir", "rps_cpus", "counting", "bpffs",
 }
 TEARDOWN_FAILURE = ("drain", "log")
 _RPS_RE = re.compile(r"[0-9a-f]{1,8}(,[0-9a-f]{8}){0,31}")  # the kernel's bitmap format
@@ -52,6 +54,11 @@ class Config:
     spool_dir: Path = Path("/var/spool/slurm-netacct")
     default_class: str = "wan"
     firewall: str = "auto"
+    # How a job's traffic is counted: "bpf" (programs on the node's end of the job's link:
+    # segments as the wire carries them), "netfilter" (the firewall backend's counters in the
+    # job's namespace: offloaded super-packets as one packet), "auto" (bpf where the kernel can).
+    counting: str = "auto"
+    bpffs: Path = Path("/sys/fs/bpf")  # where BPF counters are pinned (mounted if need be)
     mode: str = "nat"
     log_file: Path | None = None
     dns: str = "auto"  # redirect DNS to the node's loopback stub resolver, if it has one
@@ -166,7 +173,8 @@ def _network(value: Any, key: str) -> IPNetwork:
         raise _err(key, f"{value!r} is not a valid IP prefix ({exc})") from None
 
 
-_CHOICES = {"firewall": FIREWALLS, "mode": MODES, "teardown_failure": TEARDOWN_FAILURE, "dns": DNS_MODES}
+_CHOICES = {"firewall": FIREWALLS, "mode": MODES, "teardown_failure": TEARDOWN_FAILURE, "dns": DNS_MODES,
+            "counting": COUNTINGS}
 _CLASS_NAME_RULE = "class names are 1-16 of [a-z0-9_], starting with a letter"
 
 
@@ -221,7 +229,7 @@ def _names(data: dict[str, Any]) -> dict[str, Any]:
         if not naming.valid_ifname_prefix(ifprefix):
             raise _err("ifname_prefix", f"{ifprefix!r} must be 1-4 lowercase letters/digits, starting with a letter")
         kw["ifname_prefix"] = ifprefix
-    for key in ("db", "log_file", "netns_dir", "spool_dir"):
+    for key in ("db", "log_file", "netns_dir", "spool_dir", "bpffs"):
         value = _str(data, key, key)
         if value is not None:
             if not value.startswith("/"):
@@ -316,6 +324,8 @@ def _check(cfg: Config) -> None:
     """Cross-key checks: pool sizes, pool overlap with other classes, the pool's class."""
     if cfg.pool_class not in cfg.class_names:
         raise _err("pool.class", f"{cfg.pool_class!r} is neither a class nor the default class")
+    if len(cfg.class_names) > MAX_CLASSES:
+        raise _err("classes", f"{len(cfg.class_names)} classes (the default one included): at most {MAX_CLASSES}")
     if cfg.pool_ipv4.prefixlen > 30:
         raise _err("pool.ipv4", f"{cfg.pool_ipv4} is too small: it needs a gateway and at least one job")
     if cfg.mode == "routed":

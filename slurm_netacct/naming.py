@@ -21,6 +21,11 @@ NFT_DNS_CHAINS = ("dns_out", "dns_post")  # its DNS redirect to a loopback resol
 NODE_NFT_TABLE = "netacct_node"  # the node-side NAT table (one per node, shared by all jobs)
 NODE_NFT_CHAINS = ("postrouting", "dns")  # its masquerading and its DNS redirect
 IPT_CHAIN_PREFIX = "NETACCT"  # iptables chains: NETACCT_OUT, NETACCT_IN, NETACCT_<CLASS>_<DIR>
+# BPF counting on the node's end of a job's veth: the tc filters (classic clsact, cls_bpf) are
+# the project's by kind "bpf", this priority and handle ("NA" in ASCII) and these names.
+TC_PRIO = TC_HANDLE = 0x4E41
+TC_FILTER_NAMES = {"out": "netacct_out", "in": "netacct_in"}
+BPF_PIN_DIR = "slurm-netacct"  # in the bpf filesystem (config `bpffs`): one pin a job, root only
 
 # Files of the running node (tmpfs: gone at boot, as the namespaces they describe are).
 RUN_DIR = Path("/run/slurm-netacct")
@@ -170,6 +175,19 @@ def spool_token(node: str) -> str:
 def spool_name(node: str, job_id: int, restart: int) -> str:
     """The spool file of one run of one job on one node (one file per key)."""
     return f"{spool_token(node)}.{job_id}.{restart}{SPOOL_SUFFIX}"
+
+
+def bpf_object(job_id: int, what: str) -> str:
+    """Name of a BPF map or program of a job as bpftool shows it (at most 15 characters):
+    na<job id>_<what>, what one of c (counters), l4, l6 (class tries), o, i (programs)."""
+    name = f"na{job_id}_{what}"
+    assert len(name) < 16, name
+    return name
+
+
+def bpf_pin(bpffs: Path, netns: str) -> Path:
+    """Where a job's counters are pinned: one file a job, named as its namespace."""
+    return bpffs / BPF_PIN_DIR / netns
 
 
 def ipt_chain(suffix: str) -> str:

@@ -22,10 +22,9 @@ from .. import naming
 from ..config import Config
 from ..errors import SetupError
 from ..kernel.netns import run_in_netns, setns
-from ..naming import JobNames
 from ..node.plan import NodePlan
 from ..traffic import DIRECTIONS, Count, Counters
-from . import ReadsInBulk
+from . import Counted, ReadsInBulk
 from .rules import ICMPV6_LINK_TYPES, rules
 
 
@@ -90,6 +89,15 @@ def _ipt_install(cfg: Config, version: int, plan: NodePlan) -> None:
             main.append_rule(make_rule(rule_cls, _ipt_chain(r.klass, d), goto=True, **match))
         iptc.Chain(table, builtin).insert_rule(make_rule(rule_cls, naming.ipt_chain(d)))
     table.commit()
+    _ipt_install_dns(version, plan)
+
+
+def _ipt_install_dns(version: int, plan: NodePlan) -> None:
+    """Runs inside the job namespace: the redirect of DNS queries for the node's loopback
+    resolver to the node's end of the link (nat OUTPUT and POSTROUTING), if it has one."""
+    import iptc
+
+    table_cls, rule_cls = iptc_family(version)
     if version == 4 and plan.dns_stub is not None:
         nat = table_cls(table_cls.NAT)
         nat.autocommit = False
@@ -106,7 +114,7 @@ def _ipt_install(cfg: Config, version: int, plan: NodePlan) -> None:
         nat.commit()
 
 
-def _ipt_read(cfg: Config, version: int) -> dict[tuple[str, str], tuple[int, int]]:
+def _ipt_read(classes: tuple[str, ...], version: int) -> dict[tuple[str, str], tuple[int, int]]:
     """Runs inside the job namespace: the counting rule of each class chain of one family."""
     import iptc
 
@@ -114,7 +122,7 @@ def _ipt_read(cfg: Config, version: int) -> dict[tuple[str, str], tuple[int, int
     table_cls, _ = iptc_family(version)
     table = table_cls(table_cls.MANGLE)
     table.refresh()
-    for klass in cfg.class_names:
+    for klass in classes:
         for d in DIRECTIONS:
             name = _ipt_chain(klass, d)
             if not table.is_chain(name):
@@ -127,14 +135,14 @@ def _ipt_read(cfg: Config, version: int) -> dict[tuple[str, str], tuple[int, int
     return result
 
 
-def _ipt_read_many(cfg: Config, version: int, paths: list[Path]) -> dict[str, Any]:
-    """Runs in one child per family: join each namespace in turn and read it (a fresh libiptc
-    handle per namespace). {path: counts, or an exception's one-line text}."""
+def _ipt_read_many(version: int, jobs: list[tuple[Path, tuple[str, ...]]]) -> dict[str, Any]:
+    """Runs in one child per family: join each namespace in turn and read its classes (a fresh
+    libiptc handle per namespace). {path: counts, or an exception's one-line text}."""
     out: dict[str, Any] = {}
-    for path in paths:
+    for path, classes in jobs:
         try:
             setns(path)
-            out[str(path)] = _ipt_read(cfg, version)
+            out[str(path)] = _ipt_read(classes, version)
         except Exception as exc:  # noqa: BLE001 - per namespace, reported to the caller
             out[str(path)] = f"{type(exc).__name__}: {exc}"
     return out
@@ -144,6 +152,7 @@ class Iptables(ReadsInBulk):
     """iptables backend (python-iptables, legacy x_tables): chains in each job namespace."""
 
     name = "iptables"
+    outlives_namespace = False
 
     def __init__(self) -> None:
         # Import once here (~180 ms); the per-family child processes inherit the module.
@@ -154,35 +163,44 @@ class Iptables(ReadsInBulk):
             raise SetupError("iptables backend unavailable: python-iptables cannot load the "
                              f"iptables libraries (is the iptables package installed?): {exc}") from None
 
-    def install(self, cfg: Config, job: JobNames, plan: NodePlan) -> None:
+    def install(self, cfg: Config, job: Counted, plan: NodePlan) -> None:
         try:
             for version in (4, 6):
-                run_in_netns(job.netns_path, _ipt_install, cfg, version, plan)
+                run_in_netns(job.names.netns_path, _ipt_install, cfg, version, plan)
         except SetupError:
             raise
         except Exception as exc:  # iptc.IPTCError and friends
             raise SetupError(f"iptables: {exc}") from None
 
-    def read_many(self, cfg: Config, jobs: Sequence[JobNames]) -> dict[str, Counters | str]:
+    def read_many(self, cfg: Config, jobs: Sequence[Counted]) -> dict[str, Counters | str]:
         """The counters of many jobs with two child processes in all (one per family, each
         joining one namespace after another), by namespace name. A job that cannot be read
         maps to its error."""
-        paths = [j.netns_path for j in jobs]
+        todo = [(j.names.netns_path, j.classes) for j in jobs]
         try:
-            raw = [run_in_netns(None, _ipt_read_many, cfg, version, paths) for version in (4, 6)]
+            raw = [run_in_netns(None, _ipt_read_many, version, todo) for version in (4, 6)]
         except Exception as exc:
             raise SetupError(f"iptables: {exc}") from None
         out: dict[str, Counters | str] = {}
         for job in jobs:
-            v4, v6 = raw[0][str(job.netns_path)], raw[1][str(job.netns_path)]
+            v4, v6 = raw[0][str(job.names.netns_path)], raw[1][str(job.names.netns_path)]
             if isinstance(v4, str) or isinstance(v6, str):
                 out[job.netns] = v4 if isinstance(v4, str) else v6
             else:
                 out[job.netns] = {k: Count(v4[k][0] + v6[k][0], v4[k][1] + v6[k][1]) for k in v4}
         return out
 
-    def remove(self, job: JobNames) -> None:
+    def remove(self, cfg: Config, job: Counted) -> None:
         """Nothing: the counters go with the job's namespace."""
+
+
+def install_dns(job: Counted, plan: NodePlan) -> None:
+    """Only the DNS redirect in the job's namespace (when another way counts), if needed."""
+    if plan.dns_stub is not None:
+        try:
+            run_in_netns(job.names.netns_path, _ipt_install_dns, 4, plan)
+        except Exception as exc:
+            raise SetupError(f"iptables: {exc}") from None
 
 
 def host_iptables_is_legacy() -> bool:

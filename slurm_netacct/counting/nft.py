@@ -14,10 +14,9 @@ from collections.abc import Sequence
 from .. import naming
 from ..config import Config
 from ..errors import NetacctError
-from ..naming import JobNames
 from ..node.plan import NodePlan
 from ..traffic import DIRECTIONS, Count, Counters, empty_counters
-from . import ReadsInBulk
+from . import Counted, ReadsInBulk
 from .rules import ICMPV6_LINK_NAMES, match_runs
 
 
@@ -25,6 +24,7 @@ class Nftables(ReadsInBulk):
     """nftables backend: a table `inet netacct` with named counters in each job namespace."""
 
     name = "nftables"
+    outlives_namespace = False
 
     def ruleset(self, cfg: Config, plan: NodePlan | None = None, fresh: bool = False) -> str:
         """The job namespace's complete table, as `nft -f` input: replacing any old one, or
@@ -61,34 +61,27 @@ class Nftables(ReadsInBulk):
                                  f'counter name "{counter}" return')
             lines.append(f'    counter name "{naming.counter_name(cfg.default_class, d)}"')
             lines.append("  }")
-        if plan is not None and plan.dns_stub is not None:
-            lines += [
-                f"  chain {naming.NFT_DNS_CHAINS[0]} {{ type nat hook output priority -100; policy accept;",
-                f"    ip daddr {plan.dns_stub} meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {plan.gateway4}",
-                "  }",
-                f"  chain {naming.NFT_DNS_CHAINS[1]} {{ type nat hook postrouting priority 100; policy accept;",
-                '    oif != "lo" ip saddr 127.0.0.0/8 masquerade',
-                "  }",
-            ]
+        if plan is not None:
+            lines += dns_chains(plan)
         lines.append("}")
         return "\n".join(lines) + "\n"
 
-    def install(self, cfg: Config, job: JobNames, plan: NodePlan) -> None:
+    def install(self, cfg: Config, job: Counted, plan: NodePlan) -> None:
         from ..kernel import nftlib
 
         # setup_job calls this right after creating the namespace: nothing to replace.
-        nftlib.run(self.ruleset(cfg, plan, fresh=True), job.netns_path)
+        nftlib.run(self.ruleset(cfg, plan, fresh=True), job.names.netns_path)
 
-    def read_many(self, cfg: Config, jobs: Sequence[JobNames]) -> dict[str, Counters | str]:
+    def read_many(self, cfg: Config, jobs: Sequence[Counted]) -> dict[str, Counters | str]:
         """read() for many jobs, each namespace joined once (nftread.read_tables), by
         namespace name. A job that cannot be read maps to its error."""
         from ..kernel import nftread
 
-        keys = [(key, naming.counter_name(*key)) for key in empty_counters(cfg.class_names)]
-        paths = [j.netns_path for j in jobs]
+        paths = [j.names.netns_path for j in jobs]
         out: dict[str, Counters | str] = {}
         for job, raw in zip(jobs, nftread.read_tables(paths, naming.NFT_TABLE)):
-            path = job.netns_path
+            path = job.names.netns_path
+            keys = [(key, naming.counter_name(*key)) for key in empty_counters(job.classes)]
             if isinstance(raw, OSError):
                 out[job.netns] = f"reading counters in {path}: {raw.strerror or raw}"
             elif isinstance(raw, NetacctError):
@@ -100,5 +93,29 @@ class Nftables(ReadsInBulk):
                     out[job.netns] = f"counter {exc.args[0]} is missing from {path}"
         return out
 
-    def remove(self, job: JobNames) -> None:
+    def remove(self, cfg: Config, job: Counted) -> None:
         """Nothing: the counters go with the job's namespace."""
+
+
+def dns_chains(plan: NodePlan) -> list[str]:
+    """The job namespace's redirect of DNS queries for the node's loopback resolver to the
+    node's end of the link (nat chains of the job's table), if the node has such a resolver."""
+    if plan.dns_stub is None:
+        return []
+    return [
+        f"  chain {naming.NFT_DNS_CHAINS[0]} {{ type nat hook output priority -100; policy accept;",
+        f"    ip daddr {plan.dns_stub} meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {plan.gateway4}",
+        "  }",
+        f"  chain {naming.NFT_DNS_CHAINS[1]} {{ type nat hook postrouting priority 100; policy accept;",
+        '    oif != "lo" ip saddr 127.0.0.0/8 masquerade',
+        "  }",
+    ]
+
+
+def install_dns(job: Counted, plan: NodePlan) -> None:
+    """Only the DNS redirect in the job's namespace (when another way counts), if needed."""
+    from ..kernel import nftlib
+
+    if plan.dns_stub is not None:
+        t = naming.NFT_TABLE
+        nftlib.run("\n".join([f"table inet {t} {{", *dns_chains(plan), "}"]) + "\n", job.names.netns_path)

@@ -107,7 +107,10 @@ class Daemon:
         from ..store import db, spool  # noqa: F401
         from . import lifecycle, nat  # noqa: F401
         nftlib.load()
-        counting.choose(self.cfg)  # and the way of counting's own libraries
+        if counting.choose(self.cfg).name == counting.BPF:  # mounts the bpf filesystem if need be,
+            from ..counting.bpf import pin_dir               # so that fallback hooks find it mounted
+
+            pin_dir(self.cfg)
 
     def start(self) -> None:
         self.sock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)

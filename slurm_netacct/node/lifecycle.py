@@ -66,6 +66,7 @@ def setup_job(cfg: Config, info: store.JobInfo, resolv_conf: Path | None = None)
     jid = info.job_id
     counter = counting.choose(cfg)
     plan = node_plan(cfg, info.node, resolv_conf=resolv_conf)
+    job = counting.Counted(names, tuple(cfg.class_names))
     db = open_db(cfg, info.node)
     try:
         row = store.job_row(db, info)
@@ -82,17 +83,19 @@ def setup_job(cfg: Config, info: store.JobInfo, resolv_conf: Path | None = None)
             log.warning("job %d: removing a half-made setup left by an earlier run", jid)
             links.delete_link(names.host_if)
             netns.remove(names.netns_path)
-        _build(cfg, db, info, names, counter, plan)
+        counter.remove(cfg, job)  # counters a killed prolog left outside its namespace, if any
+        _build(cfg, db, info, job, counter, plan)
         return names
     finally:
         db.close()
 
 
-def _build(cfg: Config, db: sqlite_utils.Database, info: store.JobInfo, names: JobNames,
+def _build(cfg: Config, db: sqlite_utils.Database, info: store.JobInfo, job: counting.Counted,
            counter: counting.Counter, plan: NodePlan) -> None:
     """Make everything of the job, in order; on any failure undo what was made, in reverse."""
     log = get_log()
     jid = info.job_id
+    names = job.names
     undo: list[tuple[str, Callable[[], object]]] = []
     try:
         first, last = index_range(plan)
@@ -111,13 +114,13 @@ def _build(cfg: Config, db: sqlite_utils.Database, info: store.JobInfo, names: J
         links.build_link(names.netns_path, names.host_if, naming.JOB_IFNAME, addrs,
                          route_localnet=plan.dns_stub is not None)
         failpoint("link")
-        undo.append(("counters", lambda: counter.remove(names)))
-        counter.install(cfg, names, plan)
+        undo.append(("counters", lambda: counter.remove(cfg, job)))
+        counter.install(cfg, job, plan)
         failpoint("rules")
         ensure_node(cfg, plan)
         failpoint("node")
         store.record_start(db, info, names.netns, str(addrs.ipv4),
-                           str(addrs.ipv6) if addrs.ipv6 else None, counter.name)
+                           str(addrs.ipv6) if addrs.ipv6 else None, counter.name, job.classes)
     except BaseException as exc:
         log.error("job %d: setup failed (%s); rolling back", jid, exc)
         for what, fn in reversed(undo):
@@ -152,8 +155,9 @@ def close_older_runs(cfg: Config, db: sqlite_utils.Database, info: store.JobInfo
         run = store.JobInfo(job_id=info.job_id, node=info.node, restart=restart)
         if i == 0 and read_namespace and netns.is_netns(names.netns_path):
             row = store.job_row(db, run) or {}
+            job = _counted(cfg, names, row)
             try:
-                traffic = traffic_of(counting.named(row.get("backend")).read(cfg, names), cfg.class_names)
+                traffic = traffic_of(counting.named(row.get("backend")).read(cfg, job), job.classes)
             except SetupError as exc:
                 log.error("job %d: run %d: cannot read its counters (%s)", info.job_id, restart, exc)
             else:
@@ -274,6 +278,7 @@ def teardown(cfg: Config, info: store.JobInfo, defer: Defer | None = None,
                 log.error("job %d: cannot close its older runs: %s", info.job_id, exc)
         if not _remove_namespace(cfg, info, names):
             return Teardown(state, rec.spooled, rec.db_error)
+        _let_go(cfg, info, rec)
         _finish_later(info, names, rec.db_path, defer)
         return Teardown(state, rec.spooled, rec.db_error)
     finally:
@@ -284,24 +289,25 @@ def _record_final(cfg: Config, info: store.JobInfo, names: JobNames, rec: _Recor
     """Store the run's final record (or spool it); the state recorded."""
     log = get_log()
     jid = info.job_id
-    if netns.is_netns(names.netns_path):
-        counter = counting.named((rec.row or {}).get("backend") or counting.choose(cfg).name)
+    counter = counting.named((rec.row or {}).get("backend") or counting.choose(cfg).name)
+    job = _counted(cfg, names, rec.row)
+    has_netns = netns.is_netns(names.netns_path)
+    if has_netns or (counter.outlives_namespace and (rec.row or {}).get("state") == State.RUNNING):
         try:
-            counters = counter.read(cfg, names)
+            counters = counter.read(cfg, job)
         except SetupError as exc:  # e.g. someone deleted the job's table: nothing to read
-            rec.save(State.LOST, None)
-            log.error("job %d: cannot read its counters (%s); recorded as lost, with its "
-                      "last sample if any", jid, exc)
-            return State.LOST
-        traffic = traffic_of(counters, cfg.class_names)
-        rec.save(done_state, traffic)
-        log.info("job %d: counters %s (%s): %s", jid, "spooled" if rec.spooled else "stored",
-                 done_state, summary(traffic))
-        try:
-            counter.remove(names)
-        except SetupError as exc:  # stored: what is left is the reaper's
-            log.error("job %d: its counters are stored but cannot be let go: %s", jid, exc)
-        return done_state
+            if has_netns:
+                rec.save(State.LOST, None)
+                log.error("job %d: cannot read its counters (%s); recorded as lost, with its "
+                          "last sample if any", jid, exc)
+                return State.LOST
+            counters = None
+        if counters is not None:
+            traffic = traffic_of(counters, job.classes)
+            rec.save(done_state, traffic)
+            log.info("job %d: counters %s (%s)%s: %s", jid, "spooled" if rec.spooled else "stored",
+                     done_state, "" if has_netns else f", its namespace {names.netns} gone", summary(traffic))
+            return done_state
     if rec.row is not None and rec.row["state"] == State.RUNNING:
         rec.save(State.LOST, None)
         log.error("job %d: namespace %s was gone; its counters are lost", jid, names.netns)
@@ -315,6 +321,21 @@ def _record_final(cfg: Config, info: store.JobInfo, names: JobNames, rec: _Recor
         return State.LOST
     log.info("job %d: nothing to tear down (no prolog, or already done)", jid)
     return str(rec.row["state"]) if rec.row else "none"
+
+
+def _counted(cfg: Config, names: JobNames, row: dict[str, Any] | None) -> counting.Counted:
+    """The job's counters as its prolog recorded them (its classes; else the config's now)."""
+    return counting.Counted(names, store.row_classes(row) or tuple(cfg.class_names))
+
+
+def _let_go(cfg: Config, info: store.JobInfo, rec: _Recorder) -> None:
+    """After the record is stored and the namespace gone: what the way of counting keeps
+    outside the namespace (BPF: the pinned counters). A second epilog finds nothing."""
+    counter = counting.named((rec.row or {}).get("backend") or counting.choose(cfg).name)
+    try:
+        counter.remove(cfg, _counted(cfg, JobNames.of(cfg, info.job_id, info.host), rec.row))
+    except SetupError as exc:  # stored: what is left is the reaper's
+        get_log().error("job %d: its counters are stored but cannot be let go: %s", info.job_id, exc)
 
 
 def _remove_namespace(cfg: Config, info: store.JobInfo, names: JobNames) -> bool:

@@ -83,6 +83,15 @@ def leftovers(cfg: Config, node: str) -> dict[int, list[str]]:
         job = naming.job_id_from_ifname(cfg.ifname_prefix, link)
         if job is not None:
             found.setdefault(job, []).append(f"link {link}")
+    pins = cfg.bpffs / naming.BPF_PIN_DIR
+    try:
+        pinned = os.listdir(pins)
+    except OSError:  # no BPF counting here (yet)
+        pinned = []
+    for name in pinned:
+        job = naming.job_id_from_netns(prefix, name)
+        if job is not None:
+            found.setdefault(job, []).append(f"counters {pins / name}")
     path = cfg.db_for(node)
     if path.exists():
         db = store.connect(path)

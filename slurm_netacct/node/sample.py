@@ -79,31 +79,32 @@ def _pass(cfg: Config, node: str, keep: bool) -> SampleResult:
             latest[row["job_id"]] = row
         # Each way of counting reads all its jobs in one go (nftables: each namespace joined
         # once; iptables: one child process per family), then each job is looked at.
-        by_counter: dict[str, list[JobNames]] = {}
-        names: dict[int, JobNames] = {}
+        by_counter: dict[str, list[counting.Counted]] = {}
+        jobs: dict[int, counting.Counted] = {}
         for job_id, row in latest.items():  # the name the prolog gave it (%h may differ here)
-            names[job_id] = JobNames.stored(cfg, job_id, row.get("netns") or JobNames.of(cfg, job_id).netns)
-            by_counter.setdefault(row["backend"] or "", []).append(names[job_id])
+            names = JobNames.stored(cfg, job_id, row.get("netns") or JobNames.of(cfg, job_id).netns)
+            jobs[job_id] = counting.Counted(names, store.row_classes(row) or tuple(cfg.class_names))
+            by_counter.setdefault(row["backend"] or "", []).append(jobs[job_id])
         prefetched: dict[str, Counters | str] = {}
-        for cname, jobs in by_counter.items():
+        for cname, group in by_counter.items():
             counter = counting.named(cname)
             try:
-                prefetched.update(counter.read_many(cfg, jobs))
+                prefetched.update(counter.read_many(cfg, group))
             except NetacctError as exc:
                 log.error("reading the %s counters in bulk failed (%s); one by one", counter.name, exc)
-                for one in jobs:
+                for one in group:
                     try:
                         prefetched[one.netns] = counter.read(cfg, one)
                     except NetacctError as err:
                         prefetched[one.netns] = str(err)
         for job_id, row in latest.items():
             info = _info(row)
-            job = names[job_id]
+            job = jobs[job_id]
             got = prefetched[job.netns]
             if isinstance(got, dict):
-                result.traffic[job_id] = traffic_of(got, cfg.class_names)
+                result.traffic[job_id] = traffic_of(got, job.classes)
                 result.jobs[job_id] = info
-            elif not netns.is_netns(job.netns_path):
+            elif not netns.is_netns(job.names.netns_path):
                 log.info("job %d: no namespace %s to sample (the job is ending)", job_id, job.netns)
                 result.skipped_jobs.append(job_id)
             elif not _still_running(db, info):

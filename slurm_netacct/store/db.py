@@ -18,13 +18,14 @@ from ..errors import PoolExhaustedError, StoreError
 from ..states import State
 from ..traffic import FIELDS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000
 
 JOB_COLUMNS: dict[str, Any] = {
     "job_id": int, "node": str, "restart": int, "user": str, "uid": int, "account": str,
     "partition": str, "start": str, "end": str, "state": str, "netns": str,
     "ipv4": str, "ipv6": str, "backend": str, "sampled_at": str,
+    "classes": str,  # the classes its counters count, in counter order, comma-separated
 }
 TRAFFIC_COLUMNS: dict[str, Any] = {"job_id": int, "node": str, "restart": int, "class": str,
                                    **{f: int for f in FIELDS}}
@@ -77,8 +78,13 @@ def _ensure_schema(db: sqlite_utils.Database) -> None:
         version = db.conn.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"database of schema version {version}, newer than this version of "
+                             f"slurm-netacct knows ({SCHEMA_VERSION}): upgrade slurm-netacct")
         if version == 1:  # 0.1.0 development databases: add what version 2 added
             db.conn.execute("ALTER TABLE jobs ADD COLUMN sampled_at TEXT")
+        if version in (1, 2):  # version 3: the classes a job's counters count
+            db.conn.execute("ALTER TABLE jobs ADD COLUMN classes TEXT")
         db.conn.execute("PRAGMA journal_mode=WAL")  # no-op inside a transaction if already WAL
         db["jobs"].create(JOB_COLUMNS, pk=("job_id", "node", "restart"), not_null={"job_id", "node", "restart", "state"}, if_not_exists=True)
         db["traffic"].create(TRAFFIC_COLUMNS, pk=("job_id", "node", "restart", "class"), if_not_exists=True)
@@ -175,7 +181,7 @@ def job_row(db: sqlite_utils.Database, info: JobInfo) -> dict[str, Any] | None:
 
 
 def record_start(db: sqlite_utils.Database, info: JobInfo, netns: str, ipv4: str,
-                 ipv6: str | None, backend: str) -> None:
+                 ipv6: str | None, backend: str, classes: tuple[str, ...] = ()) -> None:
     """Insert the job's row (state running); keep the start time of an existing row."""
     with immediate(db):
         existing = job_row(db, info)
@@ -185,7 +191,7 @@ def record_start(db: sqlite_utils.Database, info: JobInfo, netns: str, ipv4: str
             "partition": info.partition,
             "start": existing["start"] if existing and existing.get("start") else now_iso(),
             "end": None, "state": State.RUNNING.value, "netns": netns, "ipv4": ipv4, "ipv6": ipv6,
-            "backend": backend,
+            "backend": backend, "classes": ",".join(classes) or None,
         }, pk=("job_id", "node", "restart"))
 
 
@@ -291,3 +297,9 @@ def leased_jobs(db: sqlite_utils.Database, node: str) -> list[int]:
     """The jobs that hold an address lease on a node."""
     with _sql_errors():
         return [int(j) for (j,) in db.conn.execute("SELECT job_id FROM leases WHERE node = ?", (node,))]
+
+
+def row_classes(row: Mapping[str, Any] | None) -> tuple[str, ...] | None:
+    """The classes a job run's counters count, as its prolog recorded them (None: not recorded)."""
+    text = (row or {}).get("classes")
+    return tuple(text.split(",")) if text else None
