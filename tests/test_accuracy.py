@@ -1,7 +1,18 @@
-"""Real traffic through real namespaces: counted bytes equal what the other side saw."""
+"""Real traffic through real namespaces, counted against what the wire carried.
+
+The sandbox's links to the servers are wires (no segmentation offload at either end) and the
+node's uplink merges what it receives, as NICs do (tests/topology.py): a job's TCP leaves its
+link as super-packets and its downloads reach it as super-packets, and the truth is taken
+where the packets come off a wire. The default way of counting (BPF) must equal it, bytes and
+packets; the legacy netfilter ways count the super-packets, and how far they fall short is
+measured here and in the README ("What is counted"). Traffic that never crosses a wire (to
+the node, to another job) is compared with a capture of the job's link, segmented in software
+(tests/wire.py).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -12,11 +23,15 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, Node, fast_few
+from slurm_netacct.counting.bpfcore import read_pinned
 from topology import LAN4, LAN6, NODE4, PORT, WAN4, WAN6, in_ns
+from wire import Capture
 
 TARGETS = {("lan", 4): LAN4, ("lan", 6): LAN6, ("wan", 4): WAN4, ("wan", 6): WAN6}
 OTHER = {"lan": "wan", "wan": "lan"}
 ZERO = {"in_bytes": 0, "out_bytes": 0, "in_packets": 0, "out_packets": 0}
+# How far below the wire the legacy (netfilter) counts of bulk TCP may fall (README: 3.4-4.7%).
+LEGACY_BYTES_FLOOR = 0.93
 
 
 def _traffic_of(node: Node, job: int) -> dict[str, dict[str, int]]:
@@ -25,10 +40,24 @@ def _traffic_of(node: Node, job: int) -> dict[str, dict[str, int]]:
     return rec["traffic"]
 
 
-@pytest.mark.parametrize("kind", fast_few(["tcp-up", "tcp-down", "udp-up", "udp-down"], ["tcp-up", "udp-down"]))
+def _pair(t: dict[str, int], direction: str) -> tuple[int, int]:
+    return t[f"{direction}_packets"], t[f"{direction}_bytes"]
+
+
+def _check(node: Node, counted: tuple[int, int], wire: tuple[int, int], segmented: bool) -> None:
+    """Counted (packets, bytes) against the wire's: equal for BPF; for the netfilter ways equal
+    when nothing was segmented, else short by at most the documented margin."""
+    if node.backend == "bpf" or not segmented:
+        assert counted == wire
+    else:
+        assert LEGACY_BYTES_FLOOR * wire[1] <= counted[1] <= wire[1], (counted, wire)
+        assert counted[0] <= wire[0], (counted, wire)
+
+
+@pytest.mark.parametrize("kind", fast_few(["tcp-up", "tcp-down", "udp-up", "udp-down"], ["tcp-up", "tcp-down"]))
 @pytest.mark.parametrize("family", fast_few([4, 6], [6]))
 @pytest.mark.parametrize("klass", fast_few(["lan", "wan"], ["wan"]))
-def test_exact_payload(node: Node, klass: str, family: int, kind: str) -> None:
+def test_counts_equal_what_came_off_the_wire(node: Node, klass: str, family: int, kind: str) -> None:
     job = 1000 + family * 10 + (klass == "wan")
     node.prolog(job)
     host = TARGETS[(klass, family)]
@@ -40,19 +69,25 @@ def test_exact_payload(node: Node, klass: str, family: int, kind: str) -> None:
         assert node.traffic(job, kind, host, str(PORT), str(count), str(size)).strip() == str(count)
         payload = count * size
     node.topo.wait_quiet()
-    server = node.topo.server_counts(klass)
+    before_wire = node.topo.unsegmented(klass)  # (read first: reading the truth resets both)
+    wire = node.topo.server_counts(klass)
     other = node.topo.server_counts(OTHER[klass])
+    diag = read_pinned(str(node.pin(job)), node.cfg.class_names) if node.backend == "bpf" else None
     node.epilog(job)
     t = _traffic_of(node, job)
 
-    # The job's bytes and packets equal the server's IP-layer counts, both ways.
-    assert t[klass]["out_bytes"] == server["rx"][1]
-    assert t[klass]["in_bytes"] == server["tx"][1]
-    assert t[klass]["out_packets"] == server["rx"][0]
-    assert t[klass]["in_packets"] == server["tx"][0]
-    # ... the payload is in there (plus headers, handshake, ACKs) ...
-    sent_by_job = kind.endswith("up")
-    assert t[klass]["out_bytes" if sent_by_job else "in_bytes"] > payload
+    tcp = kind.startswith("tcp")
+    if tcp:  # the test means something: the wire cut what the job's side had as super-packets
+        up = kind == "tcp-up"
+        assert (before_wire["rx"] if up else before_wire["tx"])[0] < wire["rx" if up else "tx"][0] / 5
+        if diag is not None:  # ... and the job's link saw them so, both ways (GRO on the uplink)
+            assert diag.gso_skbs["out" if up else "in"] > 0
+    _check(node, _pair(t[klass], "out"), wire["rx"], segmented=tcp and kind == "tcp-up")
+    _check(node, _pair(t[klass], "in"), wire["tx"], segmented=tcp and kind == "tcp-down")
+    if node.backend != "bpf" and kind == "tcp-up":  # netfilter sees what reached the wire uncut
+        assert _pair(t[klass], "out") == before_wire["rx"]
+    # The payload is in there (plus headers, handshake, ACKs) ...
+    assert t[klass]["out_bytes" if kind.endswith("up") else "in_bytes"] > payload
     # ... and nothing went to, or was counted in, the other class.
     assert t[OTHER[klass]] == ZERO
     assert other == {"rx": (0, 0), "tx": (0, 0)}
@@ -65,11 +100,11 @@ def test_200_short_lived_processes(node: Node) -> None:
     script = (f"for i in $(seq 200); do ( printf '%100s' x > /dev/udp/{LAN4}/{PORT} ) & done; wait")
     node.run_in_job(job, "bash", "-c", script)
     node.topo.wait_quiet()
-    server = node.topo.server_counts("lan")
+    wire = node.topo.server_counts("lan")
     node.epilog(job)
     t = _traffic_of(node, job)
-    assert server["rx"] == (200, 200 * (100 + 28))  # IPv4 + UDP headers: 28 bytes
-    assert (t["lan"]["out_packets"], t["lan"]["out_bytes"]) == server["rx"]
+    assert wire["rx"] == (200, 200 * (100 + 28))  # IPv4 + UDP headers: 28 bytes
+    assert _pair(t["lan"], "out") == wire["rx"]
     assert t["wan"] == ZERO
 
 
@@ -83,13 +118,46 @@ def test_daemon_outliving_its_parent(node: Node, tmp_path: Path) -> None:
         assert time.monotonic() < deadline, "daemon never finished"
         time.sleep(0.05)
     node.topo.wait_quiet()
-    server = node.topo.server_counts("wan")
+    wire = node.topo.server_counts("wan")
     node.epilog(job)
     t = _traffic_of(node, job)
-    assert server["rx"][1] > 500_000
-    assert (t["wan"]["out_packets"], t["wan"]["out_bytes"]) == server["rx"]
-    assert (t["wan"]["in_packets"], t["wan"]["in_bytes"]) == server["tx"]
+    assert wire["rx"][1] > 500_000
+    _check(node, _pair(t["wan"], "out"), wire["rx"], segmented=True)
+    _check(node, _pair(t["wan"], "in"), wire["tx"], segmented=False)
     assert t["lan"] == ZERO
+
+
+def test_icmp_both_families_and_fragments(node: Node) -> None:
+    """ping (no ping binary here: raw ICMP from Python as root in the job), 1000-byte echoes
+    and 3000-byte ones that IP fragments: every fragment is a packet on the wire."""
+    job = 2007
+    node.prolog(job)
+    code = ("import socket, struct, sys\n"
+            "def csum(b):\n"
+            "    b += b'\\0' * (len(b) % 2); s = sum(struct.unpack(f'!{len(b)//2}H', b))\n"
+            "    while s >> 16: s = (s & 0xffff) + (s >> 16)\n"
+            "    return ~s & 0xffff\n"
+            "for host, fam, proto, typ in ((sys.argv[1], socket.AF_INET, 1, 8), (sys.argv[2], socket.AF_INET6, 58, 128)):\n"
+            "    s = socket.socket(fam, socket.SOCK_RAW, proto); s.settimeout(5)\n"
+            "    for i, size in enumerate([1000] * 5 + [3000] * 5):\n"
+            "        body = struct.pack('!HH', 7, i) + b'p' * size\n"
+            "        msg = struct.pack('!BBH', typ, 0, 0) + body\n"
+            "        if fam == socket.AF_INET: msg = struct.pack('!BBH', typ, 0, csum(msg)) + body\n"
+            "        s.sendto(msg, (host, 0))\n"
+            "        while True:\n"
+            "            data = s.recv(65536)\n"
+            "            if fam == socket.AF_INET6 and data[0] == 129 or fam == socket.AF_INET and data[20] == 0: break\n")
+    node.run_in_job(job, sys.executable, "-c", code, WAN4, WAN6)
+    node.topo.wait_quiet()
+    wire = node.topo.server_counts("wan")
+    node.epilog(job)
+    t = _traffic_of(node, job)
+    # 10 echoes each way per family; the 3000-byte ones in 3 fragments each (MTU 1500).
+    # Netfilter in the job sees the datagram before it is fragmented (and, IPv4, after it is
+    # reassembled): one packet where the wire carries three.
+    assert wire["rx"][0] == wire["tx"][0] == 2 * (5 + 5 * 3)
+    _check(node, _pair(t["wan"], "out"), wire["rx"], segmented=True)
+    _check(node, _pair(t["wan"], "in"), wire["tx"], segmented=True)
 
 
 NODE_COUNTERS = """
@@ -107,7 +175,9 @@ table inet nodecount {
 
 
 def test_traffic_to_the_nodes_own_address(node: Node) -> None:
-    """It goes through the node's INPUT, not FORWARD; counted all the same, as LAN."""
+    """It goes through the node's INPUT, not FORWARD; counted all the same, as LAN. No wire:
+    BPF's count equals a capture of the link segmented in software; netfilter's equals the
+    node's own netfilter counters (the same super-packets)."""
     job = 2003
     node.prolog(job)
     ns = node.topo.node
@@ -116,11 +186,11 @@ def test_traffic_to_the_nodes_own_address(node: Node) -> None:
                             str(ROOT / "tests" / "traffic.py"), "serve", "5002"], stdout=subprocess.PIPE)
     try:
         assert srv.stdout is not None and srv.stdout.readline().strip() == b"ready"
-        node.traffic(job, "tcp-up", NODE4, "5002", "1000000")
-        node.traffic(job, "tcp-down", NODE4, "5002", "700000")
-        time.sleep(0.3)
+        with Capture(Path(f"/run/netns/{ns}"), f"na{job}") as cap:
+            node.traffic(job, "tcp-up", NODE4, "5002", "1000000")
+            node.traffic(job, "tcp-down", NODE4, "5002", "700000")
+            time.sleep(0.3)
         live = node.live(job)
-        import json
         seen = {c["counter"]["name"]: (c["counter"]["packets"], c["counter"]["bytes"])
                 for c in json.loads(in_ns(ns, "nft", "-j", "list", "counters", "table", "inet", "nodecount").stdout)["nftables"]
                 if "counter" in c}
@@ -128,8 +198,13 @@ def test_traffic_to_the_nodes_own_address(node: Node) -> None:
         srv.terminate()
         srv.wait(timeout=10)
         in_ns(ns, "nft", "delete", "table", "inet", "nodecount")
-    assert (live[("lan", "out")].packets, live[("lan", "out")].bytes) == seen["rx"]
-    assert (live[("lan", "in")].packets, live[("lan", "in")].bytes) == seen["tx"]
+    if node.backend == "bpf":
+        assert tuple(live[("lan", "out")]) == cap.totals()["out"]
+        assert tuple(live[("lan", "in")]) == cap.totals()["in"]
+        assert live[("lan", "out")].packets > seen["rx"][0]  # the node's stack saw super-packets
+    else:
+        assert tuple(live[("lan", "out")]) == seen["rx"]
+        assert tuple(live[("lan", "in")]) == seen["tx"]
     assert live[("lan", "out")].bytes > 1_000_000 and live[("lan", "in")].bytes > 700_000
     assert live[("wan", "out")].bytes == 0 and live[("wan", "in")].bytes == 0
     node.epilog(job)
@@ -146,9 +221,10 @@ def test_two_jobs_on_one_node_talk_to_each_other(node: Node) -> None:
                            stdout=subprocess.PIPE, env=dict(os.environ, NETACCT_CONFIG=str(node.config_path)))
     try:
         assert srv.stdout is not None and srv.stdout.readline().strip() == b"ready"
-        node.traffic(b, "tcp-up", addr_a.group(1), "5003", "2000000")
-        node.traffic(b, "tcp-down", addr_a.group(1), "5003", "1000000")
-        time.sleep(0.3)
+        with Capture(Path(f"/run/netns/{node.topo.node}"), f"na{b}") as cap:
+            node.traffic(b, "tcp-up", addr_a.group(1), "5003", "2000000")
+            node.traffic(b, "tcp-down", addr_a.group(1), "5003", "1000000")
+            time.sleep(0.3)
     finally:
         srv.terminate()
         srv.wait(timeout=10)
@@ -160,13 +236,15 @@ def test_two_jobs_on_one_node_talk_to_each_other(node: Node) -> None:
     assert tb["lan"]["in_bytes"] == ta["lan"]["out_bytes"] > 1_000_000
     assert tb["lan"]["out_packets"] == ta["lan"]["in_packets"]
     assert tb["lan"]["in_packets"] == ta["lan"]["out_packets"]
+    if node.backend == "bpf":  # and as a wire between them would carry it
+        assert (_pair(tb["lan"], "out"), _pair(tb["lan"], "in")) == (cap.totals()["out"], cap.totals()["in"])
     assert ta["wan"] == ZERO and tb["wan"] == ZERO
 
 
-def test_loopback_inside_the_job_is_not_counted(nft_node: Node) -> None:
+def test_loopback_inside_the_job_is_not_counted(bpf_node: Node) -> None:
     job = 2006
-    nft_node.prolog(job)
-    nft_node.run_in_job(job, "bash", "-c", "for i in $(seq 20); do printf '%1000s' x > /dev/udp/127.0.0.1/9; done")
-    live = nft_node.live(job)
+    bpf_node.prolog(job)
+    bpf_node.run_in_job(job, "bash", "-c", "for i in $(seq 20); do printf '%1000s' x > /dev/udp/127.0.0.1/9; done")
+    live = bpf_node.live(job)
     assert all(c.bytes == 0 and c.packets == 0 for c in live.values())
-    nft_node.epilog(job)
+    bpf_node.epilog(job)

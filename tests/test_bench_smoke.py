@@ -21,7 +21,7 @@ def test_throughput_bench_runs(tmp_path: Path) -> None:
                        timeout=300)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
-    assert set(data["results"]) == {"nftables", "iptables"}
+    assert set(data["results"]) == {"bpf", "nftables", "iptables"}
     for res in data["results"].values():
         assert res["job0"] > 0 and res["jobN"] > 0 and res["job0_rps"] > 0
 
@@ -36,3 +36,16 @@ def test_hooks_bench_runs(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert len(data["prolog_ratios"]) == len(data["epilog_ratios"]) == 2
     assert data["prolog0_ms"] > 0 and data["prologN_ms"] > 0 and data["read_all_ms"] > 0
+
+
+@pytest.mark.slow
+def test_wire_bench_runs(tmp_path: Path) -> None:
+    need_root()
+    out = tmp_path / "w.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "wire.py"), "--mbytes", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())
+    assert {r["backend"] for r in rows} == {"bpf", "nftables", "iptables"}
+    assert all(r["counted"] == r["wire"] for r in rows if r["backend"] == "bpf"), rows
+    assert any(r.get("bpf_ns_per_run") for r in rows)

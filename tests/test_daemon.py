@@ -18,7 +18,7 @@ from topology import PORT, WAN4, Topology
 
 @pytest.fixture
 def dnode(topo: Topology, tmp_path: Path) -> Iterator[Node]:
-    n = Node(topo, tmp_path, "nftables", daemon=True)
+    n = Node(topo, tmp_path, "bpf", daemon=True)
     topo.reset_servers()
     yield n
     n.cleanup()
@@ -176,7 +176,7 @@ def test_the_service_keeps_big_buffers_off_the_heap(mode: str, mapped: str) -> N
 
 
 def test_daemon_exits_after_max_jobs_and_the_hooks_carry_on(topo: Topology, tmp_path: Path) -> None:
-    node = Node(topo, tmp_path, "nftables")
+    node = Node(topo, tmp_path, "bpf")
     node.daemon = subprocess.Popen([str(VENV_BIN / "netacct-daemon"), "--config", str(node.config_path),
                                     "--socket", str(node.socket), "--max-jobs", "4"], stdout=subprocess.PIPE, text=True)
     assert node.daemon.stdout is not None and node.daemon.stdout.readline().startswith("netacct-daemon: listening")
@@ -217,7 +217,7 @@ def test_only_the_main_thread_takes_sigterm(dnode: Node) -> None:
 
 
 def test_sigterm_stops_the_daemon_promptly_every_time(topo: Topology, tmp_path: Path) -> None:
-    node = Node(topo, tmp_path, "nftables")
+    node = Node(topo, tmp_path, "bpf")
     try:
         for _ in range(5):
             node.start_daemon()
@@ -277,7 +277,7 @@ class FakeDaemon:
                                             [b"0 done", b"300 x\n"]))
 def test_an_answer_the_client_cannot_parse_makes_the_hook_run_itself(
         topo: Topology, tmp_path: Path, answer: bytes) -> None:
-    node = Node(topo, tmp_path, "nftables")
+    node = Node(topo, tmp_path, "bpf")
     fake = FakeDaemon(node.socket, answer)
     try:
         r = node.hook("prolog", 7300)
@@ -294,7 +294,7 @@ def test_an_answer_the_client_cannot_parse_makes_the_hook_run_itself(
                                                                   "netacct-prolog: job 7301: boom\n")])
 def test_a_well_formed_answer_is_the_hooks_result(topo: Topology, tmp_path: Path, answer: bytes,
                                                    rc: int, stderr: str) -> None:
-    node = Node(topo, tmp_path, "nftables")
+    node = Node(topo, tmp_path, "bpf")
     fake = FakeDaemon(node.socket, answer)
     try:
         r = node.hook("prolog", 7301)

@@ -99,20 +99,20 @@ def test_a_broken_iptables_rolls_back(topo, tmp_path: Path) -> None:  # type: ig
 
 @pytest.mark.parametrize("job_id", fast_few(["", "abc", "../x", "12/../../etc", "0", "007", "-1", "4294967296",
                                              "99999999999999999999999", " 42", "42\n"], ["../x", "42\n"]))
-def test_bad_job_ids_are_refused_and_nothing_is_made(nft_node: Node, job_id: str) -> None:
+def test_bad_job_ids_are_refused_and_nothing_is_made(bpf_node: Node, job_id: str) -> None:
     for which in ("prolog", "epilog"):
-        r = nft_node.hook(which, job_id)
+        r = bpf_node.hook(which, job_id)
         assert r.returncode == 4, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "SLURM_JOB_ID" in lines[0]
-    assert not nft_node.db.exists()
-    assert project_leftovers(nft_node.topo) == []
+    assert not bpf_node.db.exists()
+    assert project_leftovers(bpf_node.topo) == []
 
 
-def test_missing_job_id_is_refused(nft_node: Node) -> None:
-    env = nft_node.env(1)
+def test_missing_job_id_is_refused(bpf_node: Node) -> None:
+    env = bpf_node.env(1)
     del env["SLURM_JOB_ID"]
-    r = subprocess.run(["nsenter", f"--net=/run/netns/{nft_node.topo.node}", str(Path(__file__).parents[1] / "prolog")],
+    r = subprocess.run(["nsenter", f"--net=/run/netns/{bpf_node.topo.node}", str(Path(__file__).parents[1] / "prolog")],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 4 and "job id is missing" in r.stderr
 
@@ -164,7 +164,7 @@ def test_rps_cpus_steers_both_ends_of_the_job_link(topo, tmp_path: Path, setting
     before = subprocess.run(["ip", "netns", "exec", topo.node, "cat", str(node_mask)], capture_output=True,
                             text=True, check=True).stdout.strip()
     assert int(before.replace(",", ""), 16) == 0  # the sandbox node starts with the kernel's default
-    node = Node(topo, tmp_path, "nftables", daemon=daemon, rps_cpus=setting)
+    node = Node(topo, tmp_path, "bpf", daemon=daemon, rps_cpus=setting)
     job = 3045
     want = int(setting or "0", 16)
     try:
@@ -182,27 +182,27 @@ def test_rps_cpus_steers_both_ends_of_the_job_link(topo, tmp_path: Path, setting
     assert project_leftovers(topo) == []
 
 
-def test_job_links_have_no_automatic_link_local_address_and_ipv6_works(nft_node: Node) -> None:
+def test_job_links_have_no_automatic_link_local_address_and_ipv6_works(bpf_node: Node) -> None:
     """Neither end of a job's veth makes itself an IPv6 link-local address (no DAD, router
     solicitations or their timers per job): the node's end has only fe80::1, the job's end
     only its own address, and IPv6 to the WAN still works and is counted."""
     job = 3047
-    nft_node.prolog(job)
-    host_if = naming.host_ifname(nft_node.cfg.ifname_prefix, job)
-    node_addrs = in_ns(nft_node.topo.node, "ip", "-6", "-o", "addr", "show", "dev", host_if).stdout
+    bpf_node.prolog(job)
+    host_if = naming.host_ifname(bpf_node.cfg.ifname_prefix, job)
+    node_addrs = in_ns(bpf_node.topo.node, "ip", "-6", "-o", "addr", "show", "dev", host_if).stdout
     assert [line.split()[3] for line in node_addrs.splitlines()] == ["fe80::1/64"]
-    job_ns = naming.netns_name(nft_node.cfg.netns_prefix, job)
+    job_ns = naming.netns_name(bpf_node.cfg.netns_prefix, job)
     job_addrs = in_ns(job_ns, "ip", "-6", "-o", "addr", "show", "dev", naming.JOB_IFNAME).stdout
     [only] = [line.split()[3] for line in job_addrs.splitlines()]
     assert only.endswith("/128") and not only.startswith("fe80")
-    assert nft_node.traffic(job, "tcp-up", WAN6, str(PORT), "200000").strip() == "200000"
-    assert nft_node.live(job)[("wan", "out")].bytes > 200_000
-    nft_node.epilog(job)
+    assert bpf_node.traffic(job, "tcp-up", WAN6, str(PORT), "200000").strip() == "200000"
+    assert bpf_node.live(job)[("wan", "out")].bytes > 200_000
+    bpf_node.epilog(job)
 
 
 def test_rps_cpus_naming_a_cpu_the_node_lacks_fails_the_prolog_cleanly(topo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     absent = f"{1 << (os.cpu_count() or 1):x}"  # the first CPU past the last one
-    node = Node(topo, tmp_path, "nftables", rps_cpus=absent)
+    node = Node(topo, tmp_path, "bpf", rps_cpus=absent)
     r = node.hook("prolog", 3046)
     assert r.returncode == 7, r.stderr
     assert r.stderr.strip() == (f"netacct-prolog: job 3046: rps_cpus '{absent}' names CPUs this node does "
@@ -211,24 +211,24 @@ def test_rps_cpus_naming_a_cpu_the_node_lacks_fails_the_prolog_cleanly(topo, tmp
     assert project_leftovers(topo) == []
 
 
-def test_exec_runs_as_the_user_inside_the_namespace(nft_node: Node) -> None:
+def test_exec_runs_as_the_user_inside_the_namespace(bpf_node: Node) -> None:
     job = 3050
-    nft_node.prolog(job)
-    r = nft_node.run_in_job(job, "sh", "-c", "id -u; id -g; cat /proc/self/status | grep CapEff; ip -o -4 addr show dev eth0",
+    bpf_node.prolog(job)
+    r = bpf_node.run_in_job(job, "sh", "-c", "id -u; id -g; cat /proc/self/status | grep CapEff; ip -o -4 addr show dev eth0",
                             user="nobody")
     uid, gid, caps, addr = r.stdout.strip().splitlines()
     assert (uid, gid) == ("65534", "65534")
     assert caps.split()[1] == "0000000000000000"
     assert "100.64." in addr
     # The job's user cannot touch the counters: no CAP_NET_ADMIN in the job's namespace.
-    r = nft_node.run_in_job(job, "nft", "flush", "ruleset", user="nobody", check=False)
+    r = bpf_node.run_in_job(job, "nft", "flush", "ruleset", user="nobody", check=False)
     assert r.returncode != 0 and "Operation not permitted" in r.stderr
-    nft_node.epilog(job)
+    bpf_node.epilog(job)
 
 
-def test_exec_errors(nft_node: Node) -> None:
+def test_exec_errors(bpf_node: Node) -> None:
     exe = str(Path(sys.executable).parent / "netacct-exec")
-    env = dict(os.environ, NETACCT_CONFIG=str(nft_node.config_path))
+    env = dict(os.environ, NETACCT_CONFIG=str(bpf_node.config_path))
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([exe, *args], capture_output=True, text=True, env=env)
@@ -239,39 +239,39 @@ def test_exec_errors(nft_node: Node) -> None:
     assert r.returncode == 4
     r = run("--job", "3060")
     assert r.returncode == 2
-    nft_node.prolog(3060)
+    bpf_node.prolog(3060)
     assert run("--job", "3060", "--user", "no-such-user-x", "--", "true").returncode == 2
     r = run("--job", "3060", "--", "/no/such/cmd")
     assert r.returncode == 127 and "command not found" in r.stderr
-    nft_node.epilog(3060)
+    bpf_node.epilog(3060)
 
 
-def test_database_is_private_and_in_wal_mode(nft_node: Node) -> None:
-    nft_node.prolog(3070)
-    nft_node.epilog(3070)
-    assert stat.S_IMODE(nft_node.db.stat().st_mode) == 0o600
-    assert _rows(nft_node.db, "PRAGMA journal_mode") == [("wal",)]
-    rows = _rows(nft_node.db, "SELECT job_id, node, user, uid, account, partition, state FROM jobs")
+def test_database_is_private_and_in_wal_mode(bpf_node: Node) -> None:
+    bpf_node.prolog(3070)
+    bpf_node.epilog(3070)
+    assert stat.S_IMODE(bpf_node.db.stat().st_mode) == 0o600
+    assert _rows(bpf_node.db, "PRAGMA journal_mode") == [("wal",)]
+    rows = _rows(bpf_node.db, "SELECT job_id, node, user, uid, account, partition, state FROM jobs")
     assert rows == [(3070, "n1", "alice", 1234, "physics", "batch", "completed")]
 
 
-def test_job_namespace_names_follow_the_prefix(nft_node: Node) -> None:
-    nft_node.prolog(3080)
+def test_job_namespace_names_follow_the_prefix(bpf_node: Node) -> None:
+    bpf_node.prolog(3080)
     assert os.path.exists(f"/run/netns/{JOB_PREFIX}3080")
-    assert "na3080" in in_ns(nft_node.topo.node, "ip", "-o", "link").stdout
-    nft_node.epilog(3080)
+    assert "na3080" in in_ns(bpf_node.topo.node, "ip", "-o", "link").stdout
+    bpf_node.epilog(3080)
 
 
-def test_a_prolog_killed_between_creating_and_mounting_its_namespace_file(nft_node: Node) -> None:
+def test_a_prolog_killed_between_creating_and_mounting_its_namespace_file(bpf_node: Node) -> None:
     """What the random-kill test once hit: an empty namespace file is a leftover, not a
     namespace "made by something else"; the next prolog replaces it."""
-    nft_node.netns_path(3090).parent.mkdir(parents=True, exist_ok=True)
-    nft_node.netns_path(3090).touch()
-    nft_node.started.add(3090)
-    nft_node.prolog(3090)
-    assert "removing a half-made setup" in nft_node.log.read_text()
-    nft_node.epilog(3090)
-    assert not os.path.lexists(nft_node.netns_path(3090))
+    bpf_node.netns_path(3090).parent.mkdir(parents=True, exist_ok=True)
+    bpf_node.netns_path(3090).touch()
+    bpf_node.started.add(3090)
+    bpf_node.prolog(3090)
+    assert "removing a half-made setup" in bpf_node.log.read_text()
+    bpf_node.epilog(3090)
+    assert not os.path.lexists(bpf_node.netns_path(3090))
 
 
 def test_the_node_table_follows_the_last_ruleset_installed(tmp_path: Path) -> None:

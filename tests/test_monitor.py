@@ -36,12 +36,13 @@ def _live(node: Node, job: int) -> dict[str, dict[str, int]]:
 
 
 def _seen(node: Node) -> dict[str, dict[str, int]]:
-    """What the LAN and WAN servers saw since the test began (the oracle: not our counters),
-    as a job's traffic per class; for tests in which one job talks to the servers."""
+    """What the LAN and WAN servers exchanged since the test began, as the node's way of
+    counting counts it (Node.seen; the oracle: not our counters), as a job's traffic per
+    class; for tests in which one job talks to the servers."""
     node.topo.wait_quiet()
     out = {}
     for klass in ("lan", "wan"):
-        c = node.topo.server_counts(klass, reset=False)
+        c = node.seen(klass)
         out[klass] = {"in_bytes": c["tx"][1], "out_bytes": c["rx"][1],
                       "in_packets": c["tx"][0], "out_packets": c["rx"][0]}
     return out
@@ -62,7 +63,11 @@ def _job(node: Node, job: int) -> tuple[str, str | None]:
 
 
 def _send(node: Node, job: int, kind: str, host: str, n: int) -> None:
-    assert node.traffic(job, kind, host, str(PORT), str(n)).strip() == str(n)
+    """n bytes of TCP to the server (tcp-up), or n bytes in 1000-byte datagrams from it
+    (udp-down: what the job receives must not be bulk TCP, see Node.seen)."""
+    args = [str(n)] if kind.startswith("tcp") else [str(n // 1000), "1000"]
+    expect = args[0]
+    assert node.traffic(job, kind, host, str(PORT), *args).strip() == expect
     node.topo.wait_quiet()  # the last ACKs have landed: the counters stand still
 
 
@@ -93,7 +98,7 @@ def test_sample_stores_the_live_counters_and_the_epilog_overwrites_them(node: No
     assert state == "running" and sampled_at is not None and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", sampled_at)
     assert _live(node, job) == live  # sampling reads; it neither resets nor disturbs the counters
 
-    _send(node, job, "tcp-down", LAN4, 500_000)
+    _send(node, job, "udp-down", LAN4, 500_000)
     final = _seen(node)
     assert final["lan"]["in_bytes"] > 500_000 and final != live
     node.epilog(job)
@@ -105,12 +110,12 @@ def test_sample_stores_the_live_counters_and_the_epilog_overwrites_them(node: No
     assert _stored(node, job) == final
 
 
-def test_a_node_without_a_database_has_nothing_running(nft_node: Node) -> None:
-    assert not nft_node.db.exists()
-    res = sample.sample_node(nft_node.cfg, NODE)
+def test_a_node_without_a_database_has_nothing_running(bpf_node: Node) -> None:
+    assert not bpf_node.db.exists()
+    res = sample.sample_node(bpf_node.cfg, NODE)
     assert (res.sampled, res.skipped, res.errors) == (0, 0, 0)
-    assert sample.live_traffic(nft_node.cfg, NODE) == {}
-    assert not nft_node.db.exists()  # neither reading nor sampling creates one
+    assert sample.live_traffic(bpf_node.cfg, NODE) == {}
+    assert not bpf_node.db.exists()  # neither reading nor sampling creates one
 
 
 def test_job_torn_down_between_listing_and_reading_is_skipped(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -182,23 +187,28 @@ def test_epilog_storing_first_wins_over_a_sample(node: Node, monkeypatch: pytest
     assert state == "completed" and sampled_at is None
 
 
-def test_unreadable_job_is_an_error_and_the_others_are_still_sampled(nft_node: Node) -> None:
-    bad, good = 6105, 6106
-    nft_node.prolog(bad)
-    nft_node.prolog(good)
-    _send(nft_node, good, "tcp-up", LAN4, 100_000)
-    # The bad job's namespace is there and the job runs, but its counters are gone.
-    subprocess.run(["nsenter", f"--net={nft_node.netns_path(bad)}", "nft", "delete", "table", "inet",
-                    "netacct"], check=True)
-    res = sample.sample_node(nft_node.cfg, NODE)
-    assert (res.sampled, res.skipped, res.errors) == (1, 0, 1)
-    assert list(res.failures) == [bad]
-    assert str(res.failures[bad]) == f"counter lan_out is missing from {nft_node.netns_path(bad)}"
-    assert _stored(nft_node, good) == _seen(nft_node)
-    assert _stored(nft_node, bad) == {} and _job(nft_node, bad) == ("running", None)
-    nft_node.epilog(bad)  # a vanished table: recorded as lost, exit 0
-    nft_node.epilog(good)
-    assert _job(nft_node, bad)[0] == "lost"
+@pytest.mark.parametrize("kind", ["bpf", "nftables"])
+def test_unreadable_job_is_an_error_and_the_others_are_still_sampled(topo: Any, tmp_path: Path, kind: str) -> None:
+    node = Node(topo, tmp_path, kind)
+    topo.reset_servers()
+    try:
+        bad, good = 6105, 6106
+        node.prolog(bad)
+        node.prolog(good)
+        _send(node, good, "tcp-up", LAN4, 100_000)
+        # The bad job's namespace is there and the job runs, but its counters are gone.
+        why = node.lose_counters(bad)
+        res = sample.sample_node(node.cfg, NODE)
+        assert (res.sampled, res.skipped, res.errors) == (1, 0, 1)
+        assert list(res.failures) == [bad]
+        assert str(res.failures[bad]) == why
+        assert _stored(node, good) == _seen(node)
+        assert _stored(node, bad) == {} and _job(node, bad) == ("running", None)
+        node.epilog(bad)  # vanished counters: recorded as lost, exit 0
+        node.epilog(good)
+        assert _job(node, bad)[0] == "lost"
+    finally:
+        node.cleanup()
 
 
 @pytest.mark.slow
@@ -282,7 +292,7 @@ def _two_jobs(node: Node) -> tuple[dict[int, tuple[str, str]], dict[int, Traffic
     node.prolog(a)
     node.prolog(b, SLURM_JOB_USER="bob", SLURM_JOB_ACCOUNT="chem")
     _send(node, a, "tcp-up", WAN4, 800_000)
-    _send(node, b, "tcp-down", LAN4, 300_000)
+    _send(node, b, "udp-down", LAN4, 300_000)
     seen = _seen(node)
     truth = {a: {"lan": ZERO, "wan": seen["wan"]}, b: {"lan": seen["lan"], "wan": ZERO}}
     assert truth[a]["wan"]["out_bytes"] > 800_000 and truth[b]["lan"]["in_bytes"] > 300_000
@@ -340,7 +350,7 @@ def test_textfile_has_exactly_the_running_jobs_and_is_replaced_atomically(
     node.epilog(b)
 
 
-def test_textfile_write_failure_leaves_no_temporary_file(nft_node: Node, tmp_path: Path,
+def test_textfile_write_failure_leaves_no_temporary_file(bpf_node: Node, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     directory = tmp_path / "textfile"
     directory.mkdir()
@@ -352,15 +362,15 @@ def test_textfile_write_failure_leaves_no_temporary_file(nft_node: Node, tmp_pat
 
     monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(ExportError) as err:
-        exporter.write_textfile(nft_node.cfg, NODE, path)
+        exporter.write_textfile(bpf_node.cfg, NODE, path)
     assert str(err.value) == f"cannot write {path}: No space left on device"
     assert err.value.exit_code == 10
     assert os.listdir(directory) == ["netacct.prom"] and path.read_text() == "old\n"
 
 
-def test_http_endpoint_serves_the_same_metrics_on_loopback(nft_node: Node, tmp_path: Path) -> None:
-    jobs, truth = _two_jobs(nft_node)
-    server, thread = exporter.serve(nft_node.cfg, NODE, "127.0.0.1", 0)
+def test_http_endpoint_serves_the_same_metrics_on_loopback(bpf_node: Node, tmp_path: Path) -> None:
+    jobs, truth = _two_jobs(bpf_node)
+    server, thread = exporter.serve(bpf_node.cfg, NODE, "127.0.0.1", 0)
     try:
         host, port = server.server_address[:2]
         assert host == "127.0.0.1" and port > 0
@@ -377,73 +387,72 @@ def test_http_endpoint_serves_the_same_metrics_on_loopback(nft_node: Node, tmp_p
     assert types == FAMILIES  # only this collector: no process_* or python_* metrics
     assert samples == _expected(truth, jobs)
     textfile = tmp_path / "netacct.prom"
-    exporter.write_textfile(nft_node.cfg, NODE, textfile)
+    exporter.write_textfile(bpf_node.cfg, NODE, textfile)
     assert _parse(textfile.read_text()) == (types, samples)
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
     for job in jobs:
-        nft_node.epilog(job)
+        bpf_node.epilog(job)
 
 
 # --------------------------------------------------------------------------- command line
 
-def test_netacct_sample_command(nft_node: Node, tmp_path: Path) -> None:
+def test_netacct_sample_command(bpf_node: Node, tmp_path: Path) -> None:
     job = 6120
-    nft_node.prolog(job)
-    _send(nft_node, job, "tcp-up", WAN4, 100_000)
-    r = _run_cli(nft_node, "sample")
+    bpf_node.prolog(job)
+    _send(bpf_node, job, "tcp-up", WAN4, 100_000)
+    r = _run_cli(bpf_node, "sample")
     assert (r.returncode, r.stdout, r.stderr) == (0, "n1: 1 sampled, 0 skipped, 0 errors\n", "")
-    assert _stored(nft_node, job) == _seen(nft_node)
-    assert _job(nft_node, job)[0] == "running"
-    r = _run_cli(nft_node, "sample", "--node", "n2")
+    assert _stored(bpf_node, job) == _seen(bpf_node)
+    assert _job(bpf_node, job)[0] == "running"
+    r = _run_cli(bpf_node, "sample", "--node", "n2")
     assert (r.returncode, r.stdout, r.stderr) == (0, "n2: 0 sampled, 0 skipped, 0 errors\n", "")
 
-    # The counters vanish while the job still runs (an admin deleted its table): an error,
-    # exit 7, one line on stderr; the epilog then records the job as lost, with that sample.
-    ns = nft_node.netns_path(job)
-    subprocess.run(["nsenter", f"--net={ns}", "nft", "delete", "table", "inet", "netacct"], check=True)
-    r = _run_cli(nft_node, "sample")
+    # The counters vanish while the job still runs (an admin's mistake): an error, exit 7,
+    # one line on stderr; the epilog then records the job as lost, with that sample.
+    why = bpf_node.lose_counters(job)
+    r = _run_cli(bpf_node, "sample")
     assert r.returncode == 7
     assert r.stdout == "n1: 0 sampled, 0 skipped, 1 errors\n"
-    assert r.stderr == f"netacct-sample: job {job}: counter lan_out is missing from {ns}\n"
-    assert f"job {job}: cannot read its counters" in nft_node.log.read_text()
-    sampled = _stored(nft_node, job)
-    nft_node.epilog(job)
-    assert _job(nft_node, job)[0] == "lost" and _stored(nft_node, job) == sampled
+    assert r.stderr == f"netacct-sample: job {job}: {why}\n"
+    assert f"job {job}: cannot read its counters" in bpf_node.log.read_text()
+    sampled = _stored(bpf_node, job)
+    bpf_node.epilog(job)
+    assert _job(bpf_node, job)[0] == "lost" and _stored(bpf_node, job) == sampled
 
-    r = _run_cli(nft_node, "sample", "--bogus")
+    r = _run_cli(bpf_node, "sample", "--bogus")
     assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1
     assert r.stderr.startswith("netacct-sample: unrecognized arguments: --bogus")
-    r = _run_cli(nft_node, "sample", "--node", "../x")
+    r = _run_cli(bpf_node, "sample", "--node", "../x")
     assert (r.returncode, r.stderr) == (2, "netacct-sample: --node '../x' is not a valid node name\n")
-    r = _run_cli(nft_node, "sample", NETACCT_CONFIG=str(tmp_path / "missing.toml"))
+    r = _run_cli(bpf_node, "sample", NETACCT_CONFIG=str(tmp_path / "missing.toml"))
     assert (r.returncode, r.stderr) == (3, f"netacct-sample: config file {tmp_path / 'missing.toml'} does not exist\n")
-    nft_node.epilog(job)
+    bpf_node.epilog(job)
 
 
-def test_netacct_exporter_command(nft_node: Node, tmp_path: Path) -> None:
+def test_netacct_exporter_command(bpf_node: Node, tmp_path: Path) -> None:
     job = 6121
-    nft_node.prolog(job, SLURM_JOB_ACCOUNT="bio")
-    _send(nft_node, job, "tcp-down", WAN4, 100_000)
-    expected = _expected({job: _seen(nft_node)}, {job: ("alice", "bio")})
+    bpf_node.prolog(job, SLURM_JOB_ACCOUNT="bio")
+    _send(bpf_node, job, "udp-down", WAN4, 100_000)
+    expected = _expected({job: _seen(bpf_node)}, {job: ("alice", "bio")})
 
     path = tmp_path / "netacct.prom"
-    r = _run_cli(nft_node, "exporter", "--textfile", str(path))
+    r = _run_cli(bpf_node, "exporter", "--textfile", str(path))
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
     assert _parse(path.read_text()) == (FAMILIES, expected)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
     missing = tmp_path / "no-such-dir" / "netacct.prom"
-    r = _run_cli(nft_node, "exporter", "--textfile", str(missing))
+    r = _run_cli(bpf_node, "exporter", "--textfile", str(missing))
     assert (r.returncode, r.stdout) == (10, "")
     assert r.stderr == f"netacct-exporter: cannot write {missing}: No such file or directory\n"
     for args in ([], ["--textfile", str(path), "--listen", "9835"], ["--listen", "http"],
                  ["--listen", "::1:9835"], ["--listen", "127.0.0.1:70000"]):
-        r = _run_cli(nft_node, "exporter", *args)
+        r = _run_cli(bpf_node, "exporter", *args)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stdout == "" and len(r.stderr.splitlines()) == 1 and r.stderr.startswith("netacct-exporter: ")
 
-    env = dict(os.environ, NETACCT_CONFIG=str(nft_node.config_path), SLURMD_NODENAME=NODE)
+    env = dict(os.environ, NETACCT_CONFIG=str(bpf_node.config_path), SLURMD_NODENAME=NODE)
     proc = subprocess.Popen([sys.executable, "-c", "from slurm_netacct.cli.exporter import main; main()",
                              "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd="/")
@@ -461,7 +470,7 @@ def test_netacct_exporter_command(nft_node: Node, tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert proc.stderr is not None and proc.stderr.read() == ""
-    nft_node.epilog(job)
+    bpf_node.epilog(job)
 
 
 # --------------------------------------------------------------------------- contrib

@@ -45,12 +45,13 @@ def _live(node: Node, job: int) -> dict[str, tuple[int, int, int, int]]:
 
 
 def _seen(node: Node) -> dict[str, tuple[int, int, int, int]]:
-    """What the LAN and WAN servers saw since their last reset (the oracle: not our counters),
-    as a job's (in_bytes, out_bytes, in_packets, out_packets) per class."""
+    """What the LAN and WAN servers exchanged since their last reset, as the node's way of
+    counting counts it (Node.seen; the oracle: not our counters), as a job's (in_bytes,
+    out_bytes, in_packets, out_packets) per class."""
     node.topo.wait_quiet()
     out = {}
     for klass in ("lan", "wan"):
-        c = node.topo.server_counts(klass)
+        c = node.seen(klass, reset=True)
         out[klass] = (c["tx"][1], c["rx"][1], c["tx"][0], c["rx"][0])
     return out
 
@@ -133,8 +134,8 @@ def test_epilog_killed_at_every_step_loses_no_counted_traffic(node: Node, step: 
 
 
 @pytest.mark.slow
-def test_64_jobs_land_at_once_and_leave_at_once(nft_node: Node) -> None:
-    node = nft_node
+def test_64_jobs_land_at_once_and_leave_at_once(bpf_node: Node) -> None:
+    node = bpf_node
     node.start_daemon()
     node.prolog(8100)  # an already running job, sending all along
     sender = subprocess.Popen([str(VENV_BIN / "netacct-exec"), "--job", "8100", "--", sys.executable,
@@ -180,12 +181,12 @@ def _kill_after(node: Node, which: str, job: int, delay: float) -> int:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_50_times_each(nft_node: Node) -> None:
+def test_sigkill_at_random_moments_50_times_each(bpf_node: Node) -> None:
     """Kill the prolog and the epilog at random moments; the next run or the reaper always
     leaves the node clean and keeps every counted byte that still existed."""
     import random
     rng = random.Random(20261126)
-    node = nft_node
+    node = bpf_node
     for trial in range(50):
         job = 9000 + trial
         delay = rng.uniform(0.05, 0.35)  # the in-process prolog takes ~0.2 s here
@@ -217,7 +218,7 @@ def test_sigkill_at_random_moments_50_times_each(nft_node: Node) -> None:
 def spool_node(topo, tmp_path: Path, backend: str) -> Iterator[Node]:  # type: ignore[no-untyped-def]
     """As the `node` fixture (nftables through the service, iptables in the hook itself),
     with a spool directory of its own."""
-    n = Node(topo, tmp_path, backend, daemon=(backend == "nftables"), spool_dir=str(tmp_path / "spool"))
+    n = Node(topo, tmp_path, backend, daemon=(backend != "iptables"), spool_dir=str(tmp_path / "spool"))
     topo.reset_servers()
     yield n
     n.cleanup()
@@ -225,9 +226,10 @@ def spool_node(topo, tmp_path: Path, backend: str) -> Iterator[Node]:  # type: i
 
 
 def _wan_seen(node: Node) -> tuple[int, int, int, int]:
-    """What the WAN server saw since the last reading, as the job's (in/out bytes, in/out packets)."""
+    """What the WAN server exchanged since the last reading, as the node's way of counting
+    counts it (Node.seen), as the job's (in/out bytes, in/out packets)."""
     node.topo.wait_quiet()
-    wan = node.topo.server_counts("wan")
+    wan = node.seen("wan", reset=True)
     return wan["tx"][1], wan["rx"][1], wan["tx"][0], wan["rx"][0]
 
 
@@ -336,7 +338,7 @@ def test_a_spool_that_cannot_be_written_keeps_the_counters(topo, tmp_path: Path,
     """Database and spool both broken: the epilog fails (exit 8: SLURM drains the node) and
     keeps the namespace and its counters; once the database is back, the epilog stores them."""
     (tmp_path / "not-a-dir").write_text("")
-    node = Node(topo, tmp_path, backend, daemon=(backend == "nftables"),
+    node = Node(topo, tmp_path, backend, daemon=(backend != "iptables"),
                 spool_dir=str(tmp_path / "not-a-dir" / "spool"))
     try:
         topo.reset_servers()
@@ -367,7 +369,7 @@ def test_many_cycles_leave_nothing_behind(topo, tmp_path: Path) -> None:  # type
     (result in bench/RESULTS.md; the service's memory over 10,000 jobs: bench/hooks.py --cycles)."""
     total = int(os.environ.get("NETACCT_LEAK_CYCLES", "205"))
     assert total > 5
-    node = Node(topo, tmp_path, "nftables", daemon=True)
+    node = Node(topo, tmp_path, "bpf", daemon=True)
     assert node.daemon is not None
     pid = node.daemon.pid
 
@@ -466,6 +468,7 @@ def _reboot(node: Node, job: int) -> None:
     ino = os.stat(f"/run/netns/{ns}").st_ino
     in_ns(ns, "ip", "link", "del", naming.host_ifname(node.cfg.ifname_prefix, job))
     subprocess.run(["ip", "netns", "del", node.netns_path(job).name], check=True)
+    node.pin(job).unlink(missing_ok=True)  # the bpf filesystem is memory too
     in_ns(ns, "nft", "flush", "ruleset")
     for tool in ("iptables-legacy", "ip6tables-legacy"):
         for table in ("filter", "nat"):
@@ -477,7 +480,7 @@ def _reboot(node: Node, job: int) -> None:
     assert not os.path.lexists(node.netns_path(job))
     assert naming.host_ifname(node.cfg.ifname_prefix, job) not in in_ns(ns, "ip", "-o", "link").stdout
     assert "netacct" not in in_ns(ns, "nft", "list", "tables").stdout
-    if node.backend == "nftables":
+    if node.backend != "iptables":
         node.start_daemon()  # systemd starts the service again, before slurmd
 
 
@@ -622,7 +625,7 @@ def _node_setup(node: Node) -> tuple[str, str, bool]:
     """(IPv4 forwarding, IPv6 forwarding, whether the node's NAT rules exist) of the sandbox node."""
     ns = node.topo.node
     fwd = in_ns(ns, "sysctl", "-n", "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding").stdout.split()
-    if node.backend == "nftables":
+    if node.backend != "iptables":  # BPF counting's node has nftables NAT
         nat = "netacct_node" in in_ns(ns, "nft", "list", "tables").stdout
     else:
         nat = "NETACCT_NAT" in in_ns(ns, "iptables-legacy", "-t", "nat", "-S").stdout
@@ -650,7 +653,8 @@ def test_remove_node_undoes_the_node_setup_once_no_job_is_left(node: Node) -> No
     node.epilog(job)
     r = reconcile(node, "--active", "", "--remove-node")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == [f"node n1: removed {node.backend} node rules",
+    nat = "iptables" if node.backend == "iptables" else "nftables"
+    assert r.stdout.splitlines() == [f"node n1: removed {nat} node rules",
                                      "node n1: removed net/ipv4/ip_forward back to 0",
                                      "node n1: removed net/ipv6/conf/all/forwarding back to 0"]
     assert _node_setup(node) == ("0", "0", False)

@@ -115,7 +115,7 @@ def lab() -> Iterator[Lab]:
     config = work / "netacct.toml"
     config.write_text(f'uplink = "up0"\nnetns_prefix = "{JOB_PREFIX}"\n'
                       f'db = "{work}/%n.db"\nlog_file = "{work}/netacct-%n.log"\nspool_dir = "{work}/spool-%n"\n'
-                      '[pool]\nipv4 = "100.64.0.0/16"\n')
+                      f'bpffs = "{topo.bpffs}"\n[pool]\nipv4 = "100.64.0.0/16"\n')
     # pam_slurm_adopt needs the job's extern step (Contain) in a cgroup that proctrack manages.
     (work / "cgroup.conf").write_text("CgroupPlugin=autodetect\n")
     topo.up()

@@ -5,6 +5,14 @@
                             [controller 10.77.1.100]
 
 Nothing is configured in the machine's root namespace; no packet can leave the machine.
+
+The links between the router and the servers are wires: neither end offloads segmentation
+(tso, gso and tx-udp-segmentation off), so every super-packet is cut into MTU-sized packets
+there, each with its own headers, as a NIC cuts them. What came off a wire is the truth the
+accuracy tests compare with: the server's input hook (uploads) and the router's forward hook
+for packets from a server (downloads). A node's uplink merges what it receives (GRO with NAPI
+on the node's end, its peer not offloading), as a real NIC does, so a job's downloads reach
+its link as super-packets too.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ SERVER_COUNTERS = """
 table inet srvcount {
   counter rx { }
   counter tx { }
-  chain input { type filter hook input priority -300; policy accept;
+  chain input { type filter hook prerouting priority -500; policy accept;
     iif "lo" return
     icmpv6 type { mld-listener-query, mld-listener-report, mld-listener-done, nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect, mld2-listener-report } return
     counter name "rx"
@@ -41,6 +49,21 @@ table inet srvcount {
   }
 }
 """
+
+
+# One table a server, so that reading (and resetting) one server's counters leaves the other's.
+WIRE_COUNTERS = """
+table inet wire_%(which)s {
+  counter from_server { }
+  counter to_server { }
+  chain passing { type filter hook forward priority -300; policy accept;
+    iifname "%(dev)s" counter name "from_server"
+    oifname "%(dev)s" counter name "to_server"
+  }
+}
+"""
+SERVER_LINKS = {"lan": "l0", "wan": "w0"}  # the router's end of each server's wire
+NO_SEGMENTATION_OFFLOAD = ("tso", "off", "gso", "off", "tx-udp-segmentation", "off")
 
 
 def sh(*argv: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -93,6 +116,12 @@ class Topology:
         return out
 
     @property
+    def bpffs(self) -> Path:
+        """The bpf filesystem the sandbox's nodes pin BPF counters in (config `bpffs`): mounted
+        before any prolog runs (a prolog in a private mount namespace then sees the same one)."""
+        return Path(f"/run/netacct-{self.tag}bpf")
+
+    @property
     def router(self) -> str:
         return f"{self.tag}rtr"
 
@@ -132,8 +161,15 @@ class Topology:
                 self._addr(ns, UPLINK, f"{a4}/24", f"{a6}/64")
                 sh("ip", "-n", ns, "route", "add", "default", "via", "10.77.1.1")
                 sh("ip", "-n", ns, "-6", "route", "add", "default", "via", "fd00:77:1::1")
+            for i in range(len(self.hosts)):  # uplinks merge what they receive, as NICs do
+                in_ns(self.router, "ethtool", "-K", f"p{i}", *NO_SEGMENTATION_OFFLOAD)
+                in_ns(self.hosts[i][0], "ethtool", "-K", UPLINK, "gro", "on")
             self._pair(self.router, "l0", self.lan, "eth0")
             self._pair(self.router, "w0", self.wan, "eth0")
+            for ns, dev in ((self.router, "l0"), (self.router, "w0"), (self.lan, "eth0"), (self.wan, "eth0")):
+                in_ns(ns, "ethtool", "-K", dev, *NO_SEGMENTATION_OFFLOAD)  # wires
+            for which, dev in SERVER_LINKS.items():
+                in_ns(self.router, "nft", "-f", "-", input=WIRE_COUNTERS % {"which": which, "dev": dev})
             self._addr(self.router, "l0", "10.77.0.1/24", "fd00:77::1/64")
             self._addr(self.router, "w0", "198.51.100.1/24", "2001:db8:100::1/64")
             self._addr(self.lan, "eth0", f"{LAN4}/24", f"{LAN6}/64")
@@ -144,6 +180,8 @@ class Topology:
                 sh("ip", "-n", ns, "-6", "route", "add", "default", "via", gw6)
                 in_ns(ns, "nft", "-f", "-", input=SERVER_COUNTERS)
             in_ns(self.router, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+            self.bpffs.mkdir(mode=0o700, exist_ok=True)
+            sh("mount", "-t", "bpf", "bpf", str(self.bpffs))
             for ns in (self.lan, self.wan):
                 p = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", sys.executable,
                                       str(HERE / "traffic.py"), "serve", str(PORT)],
@@ -172,12 +210,33 @@ class Topology:
         for ns in self.namespaces:
             if os.path.exists(f"/run/netns/{ns}"):
                 sh("ip", "netns", "del", ns, check=False)
+        if self.bpffs.exists():
+            sh("umount", str(self.bpffs), check=False)
+            self.bpffs.rmdir()
 
     def server_counts(self, which: str, reset: bool = True) -> dict[str, tuple[int, int]]:
-        """{'rx': (packets, bytes), 'tx': ...} at the lan or wan server's IP layer."""
+        """What came off the wire at the lan or wan server, as {'rx': (packets, bytes), 'tx':
+        ...}: rx what the server received (its prerouting hook, before IPv4 reassembles
+        fragments, after the router's end of the wire cut super-packets), tx what it sent (the
+        router's forward hook, after the server's end cut them).
+        Bytes at the IP layer, headers of every segment included."""
         ns = self.lan if which == "lan" else self.wan
         verb = "reset" if reset else "list"
-        out = in_ns(ns, "nft", "-j", verb, "counters", "table", "inet", "srvcount").stdout
+        srv = self._counters(ns, "srvcount", verb)
+        wire = self._counters(self.router, f"wire_{which}", verb)
+        return {"rx": srv["rx"], "tx": wire["from_server"]}
+
+    def unsegmented(self, which: str, reset: bool = False) -> dict[str, tuple[int, int]]:
+        """The same traffic before the wires cut it: {'rx': what the router forwarded towards
+        the server, 'tx': what the server's output hook counted}: super-packets, as a counter
+        beside the job's link sees them."""
+        ns = self.lan if which == "lan" else self.wan
+        verb = "reset" if reset else "list"
+        return {"rx": self._counters(self.router, f"wire_{which}", verb)["to_server"],
+                "tx": self._counters(ns, "srvcount", verb)["tx"]}
+
+    def _counters(self, ns: str, table: str, verb: str) -> dict[str, tuple[int, int]]:
+        out = in_ns(ns, "nft", "-j", verb, "counters", "table", "inet", table).stdout
         res: dict[str, tuple[int, int]] = {}
         for item in json.loads(out)["nftables"]:
             c = item.get("counter")
@@ -186,8 +245,9 @@ class Topology:
         return res
 
     def reset_servers(self) -> None:
-        self.server_counts("lan", reset=True)
-        self.server_counts("wan", reset=True)
+        for which in ("lan", "wan"):
+            self.server_counts(which, reset=True)
+            self.unsegmented(which, reset=True)
 
     def wait_quiet(self, settle: float = 0.15, timeout: float = 10) -> None:
         """Wait until neither server's counters move any more (last ACKs have landed)."""
