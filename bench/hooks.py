@@ -45,12 +45,13 @@ def usage(pid: int) -> tuple[int, int, int]:
 
 
 class Bench:
-    def __init__(self, topo: Topology, work: Path) -> None:
+    def __init__(self, topo: Topology, work: Path, counting: str = "bpf") -> None:
         self.topo = topo
         self.work = work
         self.cfg = work / "netacct.toml"
         self.cfg.write_text(f'uplink = "{UPLINK}"\nnetns_prefix = "{topo.tag}j-"\ndb = "{work}/n.db"\n'
-                            f'log_file = "{work}/netacct.log"\n')
+                            f'log_file = "{work}/netacct.log"\nbpffs = "{topo.bpffs}"\n'
+                            f'counting = "{counting}"\n')
         self.sock = work / "daemon.sock"
         self.daemon: subprocess.Popen[str] | None = None
 
@@ -130,12 +131,14 @@ def main() -> int:
     ap.add_argument("--gap", type=float, default=0.0,
                     help="seconds between hooks in the timed runs (0: back to back, the worst case; "
                          "the service's deferred link deletions then overlap the next hook)")
+    ap.add_argument("--counting", choices=["bpf", "netfilter"], default="bpf",
+                    help="the way of counting (config `counting`; netfilter: nftables)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tag = f"hb{os.getpid() % 10000}-"
     work = Path(tempfile.mkdtemp(prefix="netacct-bench-hooks-"))
     topo = Topology(tag).up()
-    b = Bench(topo, work)
+    b = Bench(topo, work, args.counting)
     res: dict[str, float | list[float] | list[tuple[int, int]]] = {}
     try:
         res["fallback_prolog_ms"], res["fallback_epilog_ms"] = b.pairs(1, max(5, args.runs // 5))

@@ -64,7 +64,8 @@ def alternating(prefixes: list[list[str]], seconds: int, reps: int) -> list[floa
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=1000, help="other jobs loaded on the node")
-    ap.add_argument("--backends", default="nftables,iptables")
+    ap.add_argument("--backends", default="bpf,nftables,iptables",
+                    help="ways of counting: bpf (the default), nftables, iptables (netfilter)")
     ap.add_argument("--seconds", type=int, default=3, help="length of one iperf3 run (whole seconds, >= 1)")
     ap.add_argument("--reps", type=int, default=5, help="runs per point (median reported)")
     ap.add_argument("--rps-cpus", default="",
@@ -88,9 +89,11 @@ def main() -> int:
     try:
         for backend in args.backends.split(","):
             cfgp = work / f"{backend}.toml"
+            how = ('counting = "bpf"\nfirewall = "nftables"\n' if backend == "bpf"
+                   else f'counting = "netfilter"\nfirewall = "{backend}"\n')
             cfgp.write_text(f'uplink = "{UPLINK}"\nnetns_prefix = "{tag}{backend[:3]}-"\n'
                             f'db = "{work}/{backend}.db"\nlog_file = "{work}/{backend}.log"\n'
-                            f'firewall = "{backend}"\n')
+                            f'bpffs = "{topo.bpffs}"\n{how}')
             cfg = config.load(cfgp)
             setup_log(cfg.log_file, "bench")
             # The node side of setup must happen inside the sandbox node: join it for good.
@@ -147,7 +150,7 @@ def run_backend(cfg: config.Config, cfg_path: Path, args: argparse.Namespace) ->
                             store.JobInfo(job_id=rps_job, node="bench"))
         prefixes.append(in_job(rps_job))
     bare, job0, *rps = alternating(prefixes, args.seconds, args.reps)
-    print(f"{cfg.firewall}: bare {bare / 1e9:.2f} Gbit/s, job/0 {job0 / 1e9:.2f} Gbit/s"
+    print(f"{cfg.counting}/{cfg.firewall}: bare {bare / 1e9:.2f} Gbit/s, job/0 {job0 / 1e9:.2f} Gbit/s"
           + (f", job/0 with rps_cpus={args.rps_cpus} {rps[0] / 1e9:.2f} Gbit/s" if rps else "")
           + " (alternating runs)", flush=True)
     if args.rps_cpus:
@@ -159,7 +162,7 @@ def run_backend(cfg: config.Config, cfg_path: Path, args: argparse.Namespace) ->
         lifecycle.setup_job(cfg, store.JobInfo(job_id=j, node="bench"))
     t_setup = time.perf_counter() - t0
     jobn = measure(job_prefix, args.seconds, args.reps)
-    print(f"{cfg.firewall}: job/{args.jobs} {jobn / 1e9:.2f} Gbit/s (loading took {t_setup:.1f} s)", flush=True)
+    print(f"{cfg.counting}/{cfg.firewall}: job/{args.jobs} {jobn / 1e9:.2f} Gbit/s (loading took {t_setup:.1f} s)", flush=True)
     from slurm_netacct.node import sample
     reads, samples = [], []
     for _ in range(5):
@@ -172,14 +175,14 @@ def run_backend(cfg: config.Config, cfg_path: Path, args: argparse.Namespace) ->
         samples.append(time.perf_counter() - t0)
         assert stored.sampled == args.jobs + 1
     read_ms, sample_ms = statistics.median(reads) * 1e3, statistics.median(samples) * 1e3
-    print(f"{cfg.firewall}: reading all {args.jobs + 1} jobs' counters {read_ms:.1f} ms, "
+    print(f"{cfg.counting}/{cfg.firewall}: reading all {args.jobs + 1} jobs' counters {read_ms:.1f} ms, "
           f"sampling them into the database {sample_ms:.1f} ms (medians of 5)", flush=True)
     t0 = time.perf_counter()
     for j in others:
         lifecycle.teardown_job(cfg, store.JobInfo(job_id=j, node="bench"))
     t_down = time.perf_counter() - t0
     job0_after = measure(job_prefix, args.seconds, args.reps)
-    print(f"{cfg.firewall}: job/0 again {job0_after / 1e9:.2f} Gbit/s", flush=True)
+    print(f"{cfg.counting}/{cfg.firewall}: job/0 again {job0_after / 1e9:.2f} Gbit/s", flush=True)
     lifecycle.teardown_job(cfg, store.JobInfo(job_id=measured, node="bench"))
     return {"bare": bare, "job0": job0, "job0_after": job0_after, "jobN": jobn, "setup_s": t_setup,
             "teardown_s": t_down, "read_all_ms": read_ms, "sample_all_ms": sample_ms,
