@@ -114,8 +114,13 @@ def install(run: Run) -> None:
     # Everything bootstrap's apt list names is in the image; pip finds the wheels offline.
     # PIP_COMPILE=0: no byte-compiling of every installed file, minutes under emulation
     # (imports compile what they use).
-    r = sh(f"{PREFIX}/scripts/bootstrap", env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELHOUSE, "PIP_COMPILE": "0"},
-           timeout=1200)
+    # bash -x with a clock in PS4: where the minutes go, in logs/bootstrap.log.
+    r = sh("bash", "-x", f"{PREFIX}/scripts/bootstrap", check=False, timeout=1200,
+           env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELHOUSE, "PIP_COMPILE": "0", "PS4": "+ $(date +%s.%N) "})
+    (run.out / "logs").mkdir(exist_ok=True)
+    (run.out / "logs" / "bootstrap.log").write_text(r.stdout + r.stderr)
+    if r.returncode != 0:
+        raise Failed(f"scripts/bootstrap exited {r.returncode}:\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
     run.fact("bootstrap_output_tail", r.stdout[-600:])
     for part in ("spank", "pam"):
         sh("make", "-C", f"{PREFIX}/{part}", "install")
