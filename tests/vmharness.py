@@ -133,6 +133,10 @@ MASKED_UNITS = (
     "man-db.timer", "fstrim.timer", "getty@tty1.service", "systemd-timesyncd.service",
 )
 
+# Enabled by their packages, started by the scenario once it has configured them: at boot
+# they would only fail or, slurmd 24.11 (configless), wait for a controller before the runner.
+DISABLED_UNITS = ("slurmd.service", "slurmctld.service")
+
 # The VM is compute node n1 (a name ending in its index, as routed mode wants) at 10.77.1.2.
 HOSTNAME = "n1"
 
@@ -232,6 +236,7 @@ class Recipe:
     runner: str = RUNNER
     runner_unit: str = RUNNER_UNIT
     masked_units: tuple[str, ...] = MASKED_UNITS
+    disabled_units: tuple[str, ...] = DISABLED_UNITS
     hostname: str = HOSTNAME
 
     @classmethod
@@ -400,6 +405,9 @@ def _configure(recipe: Recipe, root: Path) -> None:
     wants = units / "multi-user.target.wants"
     wants.mkdir(exist_ok=True)
     (wants / "netacct-vm-run.service").symlink_to("/etc/systemd/system/netacct-vm-run.service")
+    for unit in recipe.disabled_units:
+        for link in units.glob(f"*.wants/{unit}"):
+            link.unlink()
     for unit in recipe.masked_units:
         p = units / unit
         if not p.exists() and not p.is_symlink():
