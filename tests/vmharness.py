@@ -68,6 +68,8 @@ __all__ = [
 ROOT = Path(__file__).resolve().parents[1]
 # Per machine, outside any clone: CI and every work tree share it. NETACCT_VM_CACHE moves it.
 CACHE_ROOT = Path(os.environ.get("NETACCT_VM_CACHE", "/var/cache/slurm-netacct-vm"))
+# A cache entry not used for this long is removed when another image is built.
+PRUNE_DAYS = 14
 # Bump when the build procedure changes in a way the recipe's other fields do not show.
 RECIPE_VERSION = 1
 SYS_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -296,11 +298,23 @@ def ensure_image(recipe: Recipe, log: Callable[[str], None] = lambda s: None) ->
                     shutil.rmtree(stale, ignore_errors=True)
                 _build(recipe, final, log)
                 img = _image_at(final)
+                _prune(log)
         (CACHE_ROOT / f".lock-{recipe.key}").unlink(missing_ok=True)
     if img is None:
         raise VMError(f"{final} has no usable image after a build")
     (final / "last-used").touch()
     return img
+
+
+def _prune(log: Callable[[str], None]) -> None:
+    """Remove cache entries (old recipes) that no run has used for PRUNE_DAYS days."""
+    limit = time.time() - PRUNE_DAYS * 86400
+    for d in CACHE_ROOT.iterdir():
+        stamp = d / "last-used"
+        if d.name.startswith(".") or not d.is_dir() or not stamp.exists() or stamp.stat().st_mtime > limit:
+            continue
+        log(f"removing {d}: unused for {PRUNE_DAYS} days")
+        subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)
 
 
 PROVISION = r"""set -eu
@@ -525,8 +539,9 @@ def run_scenario(
             raise VMError(f"qemu exited {proc.returncode}: {qemu_out[-2000:]}\n{_tail(serial, 40)}")
         out = tmp / "out"
         out.mkdir()
-        with tarfile.open(results) as tar:  # an all-zero disk reads as an empty archive
-            tar.extractall(out, filter="data")
+        # GNU tar: member names are kept under out/ (no absolute paths, no '..'); an all-zero
+        # disk (the VM wrote nothing) reads as an empty archive.
+        _run(["tar", "--no-same-owner", "--no-same-permissions", "-xf", results, "-C", out])
         files = {str(p.relative_to(out)): p.read_text(errors="replace") for p in sorted(out.rglob("*")) if p.is_file()}
         if keep is not None:
             shutil.copytree(out, keep, dirs_exist_ok=True)
