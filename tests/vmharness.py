@@ -89,18 +89,20 @@ WHEELHOUSE = "/opt/netacct-vm/wheels"
 # The image's scenario runner and its unit: the only scenario logic baked into the image.
 RUNNER = r"""#!/bin/sh
 # netacct-vm-run: baked into the VM image by slurm-netacct's tests/vmharness.py.
-# Input: /dev/vdb, a tar archive (src/ = the project's files, scenario.json, debs/).
+# Input: /dev/vdb, a tar archive: src/ (the project's files), scenario.json, debs/, and
+#   entry: the program to run, relative to the archive (e.g. src/tests/vm/guest.py), run as
+#   ENTRY IN OUT within guest-timeout seconds.
 # Output: /dev/vdc, a tar archive of $out (result.json and logs), read by the host after poweroff.
 in=/run/netacct-vm/in
 out=/run/netacct-vm/out
 mkdir -p "$in" "$out"
 echo "NETACCT-VM: runner started"
-if tar -xf /dev/vdb -C "$in"; then
+if tar -xf /dev/vdb -C "$in" && [ -s "$in/entry" ]; then
     limit=$(cat "$in/guest-timeout" 2>/dev/null || echo 600)
-    timeout -k 10 "$limit" python3 "$in/src/tests/vm/guest.py" "$in" "$out" >"$out/guest.log" 2>&1
+    timeout -k 10 "$limit" "$in/$(cat "$in/entry")" "$in" "$out" >"$out/guest.log" 2>&1
     echo $? >"$out/exit-status"
 else
-    echo "netacct-vm-run: cannot read the input disk /dev/vdb" >"$out/guest.log"
+    echo "netacct-vm-run: cannot read the input disk /dev/vdb, or it names no entry" >"$out/guest.log"
     echo 125 >"$out/exit-status"
 fi
 echo "NETACCT-VM: scenario exited $(cat "$out/exit-status")"
@@ -479,11 +481,15 @@ def run_scenario(
     memory_mib: int = 2048,
     cpus: int = 2,
     keep: Path | None = None,
+    entry: str = "src/tests/vm/guest.py",
 ) -> VMResult:
     """Boot ``image`` with the work tree ``src`` and run guest scenario ``scenario``.
 
     ``params`` go to the guest in scenario.json; ``debs`` are put under ``debs/`` of the input
-    disk (for installing a package into a pristine image). On timeout qemu is killed by its PID
+    disk (for installing a package into a pristine image). ``entry`` is the program the VM runs
+    (``ENTRY IN OUT``), relative to the input disk: tests/vm/guest.py needs python3, which a
+    pristine image (``Recipe.for_release(node=False)``) does not have; give such a scenario an
+    entry in shell. On timeout qemu is killed by its PID
     and VMError raised with the serial console's tail. ``keep``: copy the results there too.
     """
     tmp = Path(tempfile.mkdtemp(prefix="netacct-vm-"))
@@ -498,7 +504,7 @@ def run_scenario(
             for deb in debs:
                 tar.add(deb, arcname=f"debs/{deb.name}", recursive=False)
             for name, text in (("scenario.json", json.dumps({"scenario": scenario, "params": params or {}})),
-                               ("guest-timeout", str(int(timeout - 60)))):
+                               ("entry", entry), ("guest-timeout", str(int(timeout - 60)))):
                 data = tmp / name
                 data.write_text(text)
                 tar.add(data, arcname=name)

@@ -1,9 +1,10 @@
+#!/usr/bin/python3
 """Inside the test VM: one scenario on a whole Debian system (systemd PID 1, pure cgroup v2).
 
-Run as root by the image's ``netacct-vm-run`` unit (see tests/vmharness.py) as
-``python3 guest.py IN OUT``: IN holds ``src/`` (the project's files), ``scenario.json`` and
-``debs/``; everything written to OUT (``result.json``, ``logs/``) goes back to the host. The
-VM has no network device: every packet stays in network namespaces made here.
+Run as root by the image's ``netacct-vm-run`` unit (see tests/vmharness.py) as ``guest.py IN
+OUT`` (the input disk's ``entry``): IN holds ``src/`` (the project's files), ``scenario.json``
+and ``debs/``; everything written to OUT (``result.json``, ``logs/``) goes back to the host.
+The VM has no network device: every packet stays in network namespaces made here.
 
 Scenario ``slurm`` (the namespace engine end to end, on whatever SLURM the image's Debian
 release carries): install the project as a site does (``scripts/bootstrap`` from the image's
@@ -114,9 +115,10 @@ def install(run: Run) -> None:
     # Everything bootstrap's apt list names is in the image; pip finds the wheels offline.
     # PIP_COMPILE=0: no byte-compiling of every installed file, minutes under emulation
     # (imports compile what they use).
-    # bash -x with a clock in PS4: where the minutes go, in logs/bootstrap.log.
-    r = sh("bash", "-x", f"{PREFIX}/scripts/bootstrap", check=False, timeout=1200,
-           env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELHOUSE, "PIP_COMPILE": "0", "PS4": "+ $(date +%s.%N) "})
+    # Traced with a clock (bash takes no PS4 from the environment as root, so it is set here and
+    # the script sourced with its own $0): where the minutes go, in logs/bootstrap.log.
+    r = sh("bash", "-c", "PS4='+ $(date +%s.%N) '; set -x; . \"$0\"", f"{PREFIX}/scripts/bootstrap",
+           check=False, timeout=1200, env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELHOUSE, "PIP_COMPILE": "0"})
     (run.out / "logs").mkdir(exist_ok=True)
     (run.out / "logs" / "bootstrap.log").write_text(r.stdout + r.stderr)
     if r.returncode != 0:
