@@ -61,7 +61,7 @@ def _check_job(res: VMResult, slurm_release: str) -> None:
     assert facts["cgroup_fs"] == "cgroup2fs" and all(" cgroup2 " in m for m in facts["cgroup_mounts"])
     assert facts["slurm_version"].startswith(f"slurm-wlm {slurm_release}.") or \
         facts["slurm_version"].startswith(f"slurm {slurm_release}."), facts["slurm_version"]
-    assert facts["config_ProctrackType"] == "proctrack/cgroup"
+    assert facts["config_ProctrackType"] == "proctrack/cgroup" and facts["config_TaskPlugin"] == "task/cgroup"
     assert facts["config_CgroupPlugin"] == "cgroup/v2"
     assert "Contain" in facts["config_PrologFlags"] and "Alloc" in facts["config_PrologFlags"]
     assert facts["daemon_active"] == "active"

@@ -93,8 +93,9 @@ RUNNER = r"""#!/bin/sh
 #   entry: the program to run, relative to the archive (e.g. src/tests/vm/guest.py), run as
 #   ENTRY IN OUT within guest-timeout seconds.
 # Output: /dev/vdc, a tar archive of $out (result.json and logs), read by the host after poweroff.
-in=/run/netacct-vm/in
-out=/run/netacct-vm/out
+# On the root file system: the initramfs mounts /run noexec, and the entry is executed.
+in=/var/lib/netacct-vm/in
+out=/var/lib/netacct-vm/out
 mkdir -p "$in" "$out"
 echo "NETACCT-VM: runner started"
 if tar -xf /dev/vdb -C "$in" && [ -s "$in/entry" ]; then
