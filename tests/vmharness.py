@@ -293,8 +293,10 @@ def ensure_image(recipe: Recipe, log: Callable[[str], None] = lambda s: None) ->
     final = CACHE_ROOT / recipe.key
     img = _image_at(final)
     if img is None:
+        # One build per key; others wait, then reuse it. The lock file stays (removing it would
+        # let a later process lock a new file while an earlier one still holds the old).
         with open(CACHE_ROOT / f".lock-{recipe.key}", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one build per key; others wait, then reuse it
+            fcntl.flock(lock, fcntl.LOCK_EX)
             img = _image_at(final)
             if img is None:
                 for stale in CACHE_ROOT.glob(f".build-{recipe.key}-*"):  # an interrupted build's
@@ -302,7 +304,6 @@ def ensure_image(recipe: Recipe, log: Callable[[str], None] = lambda s: None) ->
                 _build(recipe, final, log)
                 img = _image_at(final)
                 _prune(log)
-        (CACHE_ROOT / f".lock-{recipe.key}").unlink(missing_ok=True)
     if img is None:
         raise VMError(f"{final} has no usable image after a build")
     (final / "last-used").touch()
