@@ -20,11 +20,17 @@ How, in three parts:
   install), and an empty results disk. qemu boots it with software emulation (TCG; KVM stalls on
   this machine) and no network device, ``-kernel``/``-initrd`` from the image.
 - **In the VM**: the image's oneshot unit ``netacct-vm-run.service`` (after multi-user.target)
-  unpacks the input disk, runs ``src/tests/vm/guest.py`` (the scenario), writes the results
-  directory (``result.json`` and logs) as a tar archive onto the results disk and powers off;
-  it prints ``NETACCT-VM:`` markers on the serial console. The host reads the results disk
-  back with tar after qemu exits, kills qemu by its PID on timeout, and removes its temporary
-  files in every case.
+  unpacks the input disk, runs the program it names as its ``entry`` (``src/tests/vm/guest.py``,
+  the scenarios), writes the results directory (``result.json`` and logs) as a tar archive onto
+  the results disk and powers off; it prints ``NETACCT-VM:`` markers on the serial console. The
+  host reads the results disk back with tar after qemu exits, kills qemu by its PID on timeout,
+  and removes its temporary files in every case.
+
+For a package scenario (a pristine install of the project's .deb): ``Recipe.for_release(release,
+node=False, download_only=[the .deb's dependencies])`` makes an image without the node's
+packages whose apt cache holds those dependencies, and ``run_scenario(..., debs=[path],
+entry=...)`` puts the .deb on the input disk; such an image has no python3, so its entry is a
+shell script.
 
 Nothing is created in the host's network namespace (``-nic none``), no loop device is used
 (tar archives on raw disks instead of mounted file systems), and the chroot's mounts live in a
