@@ -256,6 +256,10 @@ def test_no_job_on_the_node_no_login(lab: Lab) -> None:
 @pytest.mark.parametrize("lines, uid, expect", [
     (["6:freezer:/slurm_n1/uid_1001/job_42/step_extern", "0::/"], 1001, "42"),          # cgroup v1
     (["0::/system.slice/slurmstepd.scope/job_7/step_extern/user/task_special"], 5, "7"),  # cgroup v2
+    # What SLURM 22.05 and 24.11 (Debian's, multiple-slurmd builds) made under systemd in the VM
+    # tests (tests/test_vm.py): the scope carries the node name.
+    (["0::/system.slice/n1_slurmstepd.scope/job_1/step_extern/user/task_special"], 5, "1"),
+    (["0::/system.slice/n1_slurmstepd.scope/job_12/step_0/user/task_0"], 5, "12"),
     (["6:freezer:/slurm/uid_1001/job_42/step_extern", "4:memory:/slurm/uid_1001/job_42/step_extern"], 1001, "42"),
     (["6:freezer:/", "0::/user.slice"], 1001, "0"),                                     # in no job
     (["6:freezer:/slurm/uid_1001/job_042/step_extern"], 1001, "0"),                    # not a job id
