@@ -45,6 +45,9 @@ def _row_where(cluster: str, query: Query) -> tuple[str, list[Any]]:
     for col, values in (("job_id", query.job_ids), ("user", query.users), ("account", query.accounts),
                         ("`partition`", query.partitions)):
         if values is not None:
+            if not values:  # nothing can match (SQL has no empty IN list)
+                where.append("FALSE")
+                continue
             where.append(f"j.{col} IN ({', '.join(['%s'] * len(values))})")
             params.extend(sorted(values))
     if query.id_range is not None:
@@ -97,7 +100,7 @@ class _Cond:
                     ors.append(f"(J.jstart IS NOT NULL AND {self.ran_in_window()})")
                 else:
                     ors.append(f"(J.jstate = {self.p(s)} AND {self.ended_in_window()})")
-            parts.append("(" + " OR ".join(ors) + ")")
+            parts.append("(" + " OR ".join(ors) + ")" if ors else "FALSE")
         return " AND ".join(parts) if parts else "TRUE"
 
     def wants(self) -> str:
@@ -114,8 +117,11 @@ def _jobs_table(cluster: str, query: Query) -> tuple[str, list[Any]]:
     where, params = _row_where(cluster, query)
     on_nodes = ""
     if query.nodes is not None:
-        on_nodes = f", SUM(j.node IN ({', '.join(['%s'] * len(query.nodes))})) AS on_nodes"
-        params = [*sorted(query.nodes), *params]
+        if query.nodes:
+            on_nodes = f", SUM(j.node IN ({', '.join(['%s'] * len(query.nodes))})) AS on_nodes"
+            params = [*sorted(query.nodes), *params]
+        else:
+            on_nodes = ", 0 AS on_nodes"
     return (f"SELECT {_JOB_ATTRS}{on_nodes} FROM jobs j WHERE {where} GROUP BY j.job_id", params)
 
 
