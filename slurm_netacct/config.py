@@ -39,7 +39,10 @@ _RPS_RE = re.compile(r"[0-9a-f]{1,8}(,[0-9a-f]{8}){0,31}")  # the kernel's bitma
 _REPORT_KEYS = {"private", "admins"}
 _POOL_KEYS = {"ipv4", "ipv6", "class"}
 _LEDGER_KEYS = {"url", "password_file", "report_url", "report_password_file", "cluster", "batch",
-                "interval", "timeout", "tls", "tls_ca", "tls_cert", "tls_key"}
+                "interval", "timeout", "tls", "tls_ca", "tls_cert", "tls_key", "sacct_field"}
+# The fields of a job's slurmdbd record that sacctmgr can set and sacct shows; SystemComment by
+# default (AdminComment holds Princeton jobstats' summary; Comment is the user's sbatch --comment).
+SACCT_FIELDS = ("SystemComment", "AdminComment", "Comment")
 LEDGER_TLS = ("off", "required", "verify_ca", "verify_identity")
 _URL_RE = re.compile(r"mysql://(?P<user>[A-Za-z0-9_.-]{1,80})@(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]{1,253})"
                      r"(?::(?P<port>[0-9]{1,5}))?/(?P<database>[A-Za-z0-9_]{1,64})(?:\?socket=(?P<socket>/[^?#]+))?")
@@ -90,6 +93,7 @@ class LedgerConfig:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    sacct_field: str = "SystemComment"  # where netacct-sacct writes a job's summary
 
 
 @dataclass(frozen=True)
@@ -354,6 +358,11 @@ def _ledger(led: dict[str, Any]) -> LedgerConfig:
         if tls not in LEDGER_TLS:
             raise _err("ledger.tls", f"{tls!r} is not one of {', '.join(LEDGER_TLS)}")
         kw["tls"] = tls
+    field_ = _str(led, "sacct_field", "ledger.sacct_field")
+    if field_ is not None:
+        if field_ not in SACCT_FIELDS:
+            raise _err("ledger.sacct_field", f"{field_!r} is not one of {', '.join(SACCT_FIELDS)}")
+        kw["sacct_field"] = field_
     if kw.get("tls", "off") in ("verify_ca", "verify_identity") and "tls_ca" not in kw:
         raise _err("ledger.tls_ca", f"tls = {kw['tls']!r} needs the CA certificate (tls_ca)")
     if ("tls_cert" in kw) != ("tls_key" in kw):

@@ -52,6 +52,14 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (cluster, user, job_id)",
         "CREATE INDEX IF NOT EXISTS jobs_by_account ON jobs (cluster, account, job_id)",
     ],
+    [  # version 3: the summaries written into slurmdbd (netacct-sacct), so each is written once
+        "CREATE TABLE IF NOT EXISTS sacct_summaries ("
+        " cluster VARCHAR(64) NOT NULL, job_id BIGINT UNSIGNED NOT NULL, summary VARCHAR(1000) NOT NULL,"
+        " written_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,"
+        " PRIMARY KEY (cluster, job_id)"
+        f") ENGINE=InnoDB {_TEXT}",
+        "CREATE INDEX IF NOT EXISTS jobs_by_shipped ON jobs (cluster, shipped_at)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 _LOCK = "netacct_ledger_schema"
