@@ -36,6 +36,8 @@ from slurm_netacct.store import db as store
 from slurm_netacct.store import ledger, ship
 from slurm_netacct.traffic import FIELDS
 
+pytestmark = pytest.mark.sandbox  # namespaces of its own, and a mariadbd in one
+
 TAG = f"nl{os.getpid() % 100000}-"
 SHIP_PW, REPORT_PW = "ship-secret-1", "report-secret-1"
 _names = itertools.count()
