@@ -63,6 +63,7 @@ MIGRATIONS: list[list[str]] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 _LOCK = "netacct_ledger_schema"
+REPORT_TMP_TABLE_BYTES = 256 << 20
 
 JOB_FIELDS = ("job_id", "node", "restart", "user", "uid", "account", "partition", "start", "end",
               "state", "sampled_at", "classes")
@@ -270,6 +271,10 @@ def connect(cfg: LedgerConfig, report: bool = False, migrate: bool = False) -> L
         with led.errors():
             cur = conn.cursor()
             cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            if report:  # per-job tables of a grouped report stay in memory up to this size
+                # (measured, 200,000 jobs: 13 s with the server's default 16 MiB, 4 s with it)
+                cur.execute("SET SESSION tmp_table_size = %s, max_heap_table_size = %s",
+                            (REPORT_TMP_TABLE_BYTES, REPORT_TMP_TABLE_BYTES))
         led.check_version(migrate)
     except BaseException:
         led.close()
