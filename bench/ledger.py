@@ -153,6 +153,10 @@ def main() -> None:
         res["shipN_slowest_node_s"] = max(s for _, s in out)
         # the reports
         fill_ledger(server, "bench", a.jobs)
+        size = server.sql("SELECT SUM(data_length + index_length) FROM information_schema.tables "
+                          "WHERE table_schema = 'bench' AND table_name IN ('jobs', 'traffic')").stdout
+        rows = server.sql("SELECT COUNT(*) FROM bench.jobs").stdout
+        res["ledger_bytes_per_job_row"] = int(size) / int(rows)
         cfgp = a.dir / "netacct.toml"
         lines = ["[ledger]"] + [f"{k} = {json.dumps(v)}" for k, v in {**table, "cluster": "bench"}.items()]
         cfgp.write_text("\n".join(lines) + "\n")
