@@ -39,7 +39,9 @@ def watermark(db: sqlite_utils.Database, key: str) -> int:
 def _set_watermark(db: sqlite_utils.Database, key: str, value: int) -> None:
     with store.immediate(db):
         db.conn.execute("INSERT INTO ship_marks (ledger, watermark, shipped_at) VALUES (?, ?, ?) "
-                        "ON CONFLICT (ledger) DO UPDATE SET watermark = excluded.watermark, "
+                        # never backwards: two shippers of one database (a timer and the
+                        # daemon) may finish out of order; rows between are sent again, harmlessly
+                        "ON CONFLICT (ledger) DO UPDATE SET watermark = MAX(watermark, excluded.watermark), "
                         "shipped_at = excluded.shipped_at", (key, value, store.now_iso()))
 
 
