@@ -80,6 +80,23 @@ class MariaDB:
         self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
         self.installed = False
+        self.tls: Path | None = None
+
+    def make_tls(self, names: str) -> Path:
+        """A CA and a server certificate for `names` (subjectAltName, e.g. "IP:10.78.0.1"); the
+        server uses them from its next start. Returns the CA certificate's path."""
+        d = self.base / "tls"
+        d.mkdir(exist_ok=True)
+        sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "ca.key"),
+           "-out", str(d / "ca.pem"), "-days", "2", "-subj", "/CN=netacct-test-ca")
+        sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "server.key"),
+           "-out", str(d / "server.csr"), "-subj", "/CN=netacct-test-ledger")
+        (d / "ext").write_text(f"subjectAltName={names}\n")
+        sh("openssl", "x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"), "-CAkey",
+           str(d / "ca.key"), "-CAcreateserial", "-out", str(d / "server.pem"), "-days", "2",
+           "-extfile", str(d / "ext"))
+        self.tls = d
+        return d / "ca.pem"
 
     def install(self) -> "MariaDB":
         sh("mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
@@ -94,6 +111,9 @@ class MariaDB:
                 f"--pid-file={self.base / 'mysqld.pid'}", f"--log-error={self.base / 'error.log'}",
                 "--user=root", "--skip-log-bin", "--innodb-buffer-pool-size=128M",
                 "--max-connections=400", "--skip-name-resolve"]
+        if self.tls is not None:
+            argv += [f"--ssl-ca={self.tls / 'ca.pem'}", f"--ssl-cert={self.tls / 'server.pem'}",
+                     f"--ssl-key={self.tls / 'server.key'}"]
         if self.netns is None:
             argv.append("--skip-networking")
         else:

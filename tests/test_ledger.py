@@ -58,6 +58,7 @@ def net() -> Iterator[LedgerNet]:
 def server(net: LedgerNet) -> Iterator[MariaDB]:
     m = MariaDB(netns=net.db, addr=net.server_addr, port=3306)
     try:
+        m.make_tls(f"IP:{net.server_addr}")
         m.start()
         yield m
     finally:
@@ -449,6 +450,30 @@ def test_password_file_readable_by_others_and_config_errors(env: Env) -> None:
     r = subprocess.run([str(VENV_BIN / "netacct-ship"), "--node", "n1"], capture_output=True, text=True,
                        env=dict(os.environ, NETACCT_CONFIG=str(cfg)))
     one_line(r, 3, "no [ledger]")
+
+
+def test_tls(env: Env, tmp_path: Path) -> None:
+    db = journal(env.tmp / "n1.db", "n1", range(1, 11))
+    assert env.server.tls is not None
+    ca = str(env.server.tls / "ca.pem")
+    env.server.sql("ALTER USER 'netacct_ship'@'%' REQUIRE SSL")
+    try:
+        # The account must use TLS: without it the server refuses the login.
+        one_line(env.ship_cli(db), 11, "access denied for user netacct_ship")
+        r = env.ship_cli(db, tls="verify_identity", tls_ca=ca)
+        assert r.returncode == 0 and r.stdout.startswith("n1: 10 rows shipped"), r.stdout + r.stderr
+        assert env.rows() == journal_rows(db)
+        # A server whose certificate the configured CA did not sign: refused, one line.
+        other = MariaDB()
+        try:
+            wrong = other.make_tls("IP:10.0.0.1")
+            r = env.ship_cli(db, tls="verify_ca", tls_ca=str(wrong))
+            one_line(r, 11, "ledger mysql://")
+            assert "certificate" in r.stderr or "SSL" in r.stderr or "TLS" in r.stderr, r.stderr
+        finally:
+            other.remove()
+    finally:
+        env.server.sql("ALTER USER 'netacct_ship'@'%' REQUIRE NONE")
 
 
 def test_missing_node_database(env: Env) -> None:
