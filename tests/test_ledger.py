@@ -680,3 +680,60 @@ def test_fuzzed_flags_against_the_ledger(shipped: tuple[Env, list[Path], Path], 
             assert led == run_report([*argv, "--db-dir", str(paths[0].parent)], cfg), value
         assert led[2].count("\n") <= 1, led[2]
     assert e.sql("SELECT COUNT(*) > 0 FROM jobs") == [["1"]]
+
+
+# A property: for any node databases, the ledger's report equals theirs.
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_TIMES = [None, "2026-10-31T23:59:59Z", "2026-11-01T00:00:00Z", "2026-11-15T12:00:00Z", "2026-12-01T00:00:00Z"]
+_row = st.fixed_dictionaries({
+    "job_id": st.integers(1, 12), "node": st.sampled_from(["n1", "n2", "n10"]), "restart": st.integers(0, 1),
+    "user": st.sampled_from(["ann", "bob", "Ann", "ann ", None, ""]),
+    "account": st.sampled_from(["phys", "chem", None]), "partition": st.sampled_from(["batch", None]),
+    "start": st.sampled_from(_TIMES), "end": st.sampled_from(_TIMES),
+    "state": st.sampled_from(["running", "completed", "lost", "reconciled"]),
+    "sampled_at": st.sampled_from(_TIMES),
+    "traffic": st.dictionaries(st.sampled_from(["lan", "wan", "x"]),
+                               st.tuples(*[st.integers(0, 2**62) for _ in FIELDS]), max_size=3),
+})
+_clusters = itertools.count()
+PROPERTY_FLAGS = [
+    ["-S", "2026-11-01", "-E", "2026-11-30T23:59:59", "--json", "--per-node"],
+    ["-S", "2026-10-01", "-E", "2026-12-31", "-s", "R,CD,lost", "-P"],
+    ["-S", "2026-10-01", "-E", "2026-12-31", "--group-by", "user,month", "--json"],
+    ["-S", "2026-11-01", "-E", "2026-11-30T23:59:59", "--group-by", "node,account", "-N", "n1", "--json"],
+    ["-j", "1,2,3,4,5,6,7,8,9,10,11,12", "--json"],
+]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(_row, max_size=25, unique_by=lambda r: (r["job_id"], r["node"], r["restart"])))
+def test_property_ledger_report_equals_node_report(shipped: tuple[Env, list[Path], Path],
+                                                   tmp_path_factory: pytest.TempPathFactory,
+                                                   rows: list[dict[str, Any]]) -> None:
+    e, _, cfg = shipped
+    cluster = f"prop{next(_clusters)}"
+    d = tmp_path_factory.mktemp(cluster)
+    dbs = {}
+    for r in rows:
+        db = dbs.get(r["node"]) or dbs.setdefault(r["node"], store.connect(d / f"{r['node']}.db"))
+        row = {k: v for k, v in r.items() if k != "traffic"}
+        with store.immediate(db):
+            db["jobs"].upsert({**row, "uid": 1}, pk=("job_id", "node", "restart"))
+            for k, vals in r["traffic"].items():
+                db["traffic"].upsert({"job_id": r["job_id"], "node": r["node"], "restart": r["restart"], "class": k,
+                                      **dict(zip(FIELDS, vals))}, pk=("job_id", "node", "restart", "class"))
+    led = config.LedgerConfig(**{**e.cfg().__dict__, "cluster": cluster, "batch": 7})
+    for db in dbs.values():
+        db.conn.close()
+    for p in sorted(d.glob("*.db")):
+        ship.ship(p, led)
+    for flags in PROPERTY_FLAGS:
+        nodes = run_report([*flags, "--db-dir", str(d)], cfg) if dbs else None
+        got = run_report([*flags, "--ledger", "-M", cluster], cfg)
+        if nodes is None:  # no node database at all: the ledger simply has no rows
+            assert got[0] == 0
+            continue
+        assert got == nodes, flags
