@@ -737,3 +737,15 @@ def test_property_ledger_report_equals_node_report(shipped: tuple[Env, list[Path
             assert got[0] == 0
             continue
         assert got == nodes, flags
+
+
+def test_a_reader_that_stops_early_does_not_wait_for_every_row(shipped: tuple[Env, list[Path], Path]) -> None:
+    e, _, cfg = shipped
+    from slurm_netacct.store import ledger as ledger_mod
+    led = ledger_mod.connect(e.cfg(), report=True)
+    rows = led.stream("SELECT a.seq FROM seq_1_to_100000 a JOIN seq_1_to_1000 b", ())
+    t0 = time.monotonic()
+    assert len([next(rows) for _ in range(3)]) == 3
+    rows.close()  # what `netacct-report ... | head` does
+    assert time.monotonic() - t0 < 5  # 100,000,000 rows would take minutes to drain
+    led.close()

@@ -224,6 +224,7 @@ class Ledger:
         """Rows of a query, fetched as they come (unbuffered): memory stays flat."""
         with self.errors():
             cur = self.conn.cursor(MySQLdb.cursors.SSCursor)
+            done = False
             try:
                 cur.execute(sql, tuple(params))
                 while True:
@@ -231,8 +232,12 @@ class Ledger:
                     if not rows:
                         break
                     yield from rows
+                done = True
             finally:
-                cur.close()
+                if done:
+                    cur.close()
+                else:  # the reader stopped early (`| head`): closing the cursor would read every
+                    self.close()  # remaining row first; dropping the connection ends the query
 
     def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         with self.errors():
