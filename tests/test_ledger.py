@@ -411,12 +411,20 @@ def test_wrong_password(env: Env) -> None:
     db = journal(env.tmp / "n1.db", "n1", range(1, 3))
     (env.tmp / "ship.pw").write_text("not-the-password\n")
     one_line(env.ship_cli(db), 11, "access denied for user netacct_ship")
+    (env.tmp / "report.pw").write_text("not-the-password\n")
+    r = subprocess.run(env.net.argv(str(VENV_BIN / "netacct-report"), "--ledger", "-j", "1"), capture_output=True,
+                       text=True, env=dict(os.environ, NETACCT_CONFIG=str(env.config_file(db, tcp=True))))
+    one_line(r, 11, "access denied for user netacct_report")
 
 
 def test_unreachable_server(env: Env) -> None:
     db = journal(env.tmp / "n1.db", "n1", range(1, 3))
     one_line(env.ship_cli(db, url=f"mysql://netacct_ship@{env.net.server_addr}:3307/{env.name}"), 11,
              "cannot connect")
+    cfg = env.config_file(db, tcp=True, report_url=f"mysql://netacct_report@{env.net.server_addr}:3307/{env.name}")
+    r = subprocess.run(env.net.argv(str(VENV_BIN / "netacct-report"), "--ledger", "-j", "1"), capture_output=True,
+                       text=True, env=dict(os.environ, NETACCT_CONFIG=str(cfg)))
+    one_line(r, 11, "cannot connect")
     env.net.cut()
     try:
         t0 = time.monotonic()
