@@ -32,12 +32,68 @@ _ROUTED_KEYS = {"prefixlen4", "prefixlen6", "nodes"}
 _TOP_KEYS = {
     "uplink", "netns_prefix", "ifname_prefix", "db", "default_class", "firewall", "mode",
     "log_file", "netns_dir", "pool", "classes", "routed", "dns", "report", "teardown_failure",
-    "spool_dir", "rps_cpus", "counting", "bpffs",
+    "spool_dir", "rps_cpus", "counting", "bpffs", "ledger",
 }
 TEARDOWN_FAILURE = ("drain", "log")
 _RPS_RE = re.compile(r"[0-9a-f]{1,8}(,[0-9a-f]{8}){0,31}")  # the kernel's bitmap format
 _REPORT_KEYS = {"private", "admins"}
 _POOL_KEYS = {"ipv4", "ipv6", "class"}
+_LEDGER_KEYS = {"url", "password_file", "report_url", "report_password_file", "cluster", "batch",
+                "interval", "timeout", "tls", "tls_ca", "tls_cert", "tls_key", "sacct_field"}
+# The fields of a job's slurmdbd record that sacctmgr can set and sacct shows; SystemComment by
+# default (AdminComment holds Princeton jobstats' summary; Comment is the user's sbatch --comment).
+SACCT_FIELDS = ("SystemComment", "AdminComment", "Comment")
+LEDGER_TLS = ("off", "required", "verify_ca", "verify_identity")
+_URL_RE = re.compile(r"mysql://(?P<user>[A-Za-z0-9_.-]{1,80})@(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]{1,253})"
+                     r"(?::(?P<port>[0-9]{1,5}))?/(?P<database>[A-Za-z0-9_]{1,64})(?:\?socket=(?P<socket>/[^?#]+))?")
+_CLUSTER_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+@dataclass(frozen=True)
+class LedgerURL:
+    """Where a ledger is and as whom to log in: mysql://USER@HOST[:PORT]/DATABASE[?socket=PATH]."""
+
+    user: str
+    host: str
+    port: int
+    database: str
+    socket: str | None = None
+
+    def __str__(self) -> str:
+        tail = f"?socket={self.socket}" if self.socket else ""
+        return f"mysql://{self.user}@{self.host}:{self.port}/{self.database}{tail}"
+
+
+def parse_ledger_url(text: str, key: str) -> LedgerURL:
+    """A ledger URL, or ConfigError naming the key (a password in it is refused)."""
+    m = _URL_RE.fullmatch(text)
+    if m is None:
+        if re.match(r"mysql://[^@/]*:[^@/]*@", text):
+            raise _err(key, "the URL must not hold a password: put it in the password file")
+        raise _err(key, f"{text!r} is not mysql://USER@HOST[:PORT]/DATABASE[?socket=PATH]")
+    port = int(m["port"] or 3306)
+    if not 1 <= port <= 65535:
+        raise _err(key, f"port {port} is out of range")
+    return LedgerURL(m["user"], m["host"].strip("[]"), port, m["database"], m["socket"])
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    """[ledger]: the cluster's central MariaDB, where netacct-ship sends the node's records."""
+
+    url: LedgerURL
+    password_file: Path
+    cluster: str
+    report_url: LedgerURL | None = None  # the read-only account reports use (default: url)
+    report_password_file: Path | None = None
+    batch: int = 500  # job rows a transaction ships
+    interval: int = 60  # seconds between shipping rounds of netacct-daemon's thread
+    timeout: int = 30  # seconds to connect, and for each read or write on the connection
+    tls: str = "off"  # off, required, verify_ca, verify_identity
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    sacct_field: str = "SystemComment"  # where netacct-sacct writes a job's summary
 
 
 @dataclass(frozen=True)
@@ -81,6 +137,7 @@ class Config:
     prefixlen4: int = 24
     prefixlen6: int = 64
     node_indices: dict[str, int] = field(default_factory=dict)
+    ledger: LedgerConfig | None = None  # [ledger]: shipping to a central database, if set
 
     def node_index(self, node: str) -> int:
         """The node's slice of the pools: [routed.nodes] if listed, else its trailing digits."""
@@ -194,6 +251,8 @@ def parse(data: dict[str, Any]) -> Config:
             raise _err("default_class", _CLASS_NAME_RULE)
         kw["default_class"] = default_class
     kw.update(_pool(_table(data, "pool", _POOL_KEYS), classes, kw.get("default_class", "wan")))
+    if "ledger" in data:
+        kw["ledger"] = _ledger(_table(data, "ledger", _LEDGER_KEYS))
     cfg = Config(**kw)
     _check(cfg)
     return cfg
@@ -269,6 +328,46 @@ def _report(rep: dict[str, Any]) -> dict[str, Any]:
             raise _err("report.admins", "must be a list of user names or %groups")
         kw["report_admins"] = tuple(admins)
     return kw
+
+
+def _ledger(led: dict[str, Any]) -> LedgerConfig:
+    for key in ("url", "password_file", "cluster"):
+        if key not in led:
+            raise _err(f"ledger.{key}", "is required in [ledger]")
+    kw: dict[str, Any] = {"url": parse_ledger_url(_str(led, "url", "ledger.url") or "", "ledger.url")}
+    cluster = _str(led, "cluster", "ledger.cluster") or ""
+    if not _CLUSTER_RE.fullmatch(cluster):
+        raise _err("ledger.cluster", f"{cluster!r} is not a SLURM ClusterName (letters, digits, '_', '.', '-')")
+    kw["cluster"] = cluster
+    if "report_url" in led:
+        kw["report_url"] = parse_ledger_url(_str(led, "report_url", "ledger.report_url") or "", "ledger.report_url")
+    for key in ("password_file", "report_password_file", "tls_ca", "tls_cert", "tls_key"):
+        value = _str(led, key, f"ledger.{key}")
+        if value is not None:
+            if not value.startswith("/"):
+                raise _err(f"ledger.{key}", f"{value!r} must be an absolute path")
+            kw[key] = Path(value)
+    for key, lo, hi in (("batch", 1, 100_000), ("interval", 1, 86_400), ("timeout", 1, 3_600)):
+        if key in led:
+            v = led[key]
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise _err(f"ledger.{key}", f"must be an integer from {lo} to {hi}")
+            kw[key] = v
+    tls = _str(led, "tls", "ledger.tls")
+    if tls is not None:
+        if tls not in LEDGER_TLS:
+            raise _err("ledger.tls", f"{tls!r} is not one of {', '.join(LEDGER_TLS)}")
+        kw["tls"] = tls
+    field_ = _str(led, "sacct_field", "ledger.sacct_field")
+    if field_ is not None:
+        if field_ not in SACCT_FIELDS:
+            raise _err("ledger.sacct_field", f"{field_!r} is not one of {', '.join(SACCT_FIELDS)}")
+        kw["sacct_field"] = field_
+    if kw.get("tls", "off") in ("verify_ca", "verify_identity") and "tls_ca" not in kw:
+        raise _err("ledger.tls_ca", f"tls = {kw['tls']!r} needs the CA certificate (tls_ca)")
+    if ("tls_cert" in kw) != ("tls_key" in kw):
+        raise _err("ledger.tls_key", "tls_cert and tls_key go together")
+    return LedgerConfig(**kw)
 
 
 def _routed(routed: dict[str, Any]) -> dict[str, Any]:

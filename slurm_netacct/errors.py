@@ -67,6 +67,14 @@ class ExportError(NetacctError):
     exit_code = 10
 
 
+class LedgerError(NetacctError):
+    """The cluster ledger (MariaDB) could not be reached or used: down, unreachable, a wrong
+    password, a schema this version does not know. Nothing is lost: the node database keeps
+    every record, and shipping resumes from its watermark."""
+
+    exit_code = 11
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected internal error (a bug: please report it with the log)",
@@ -79,4 +87,5 @@ EXIT_CODES: dict[int, str] = {
     8: "database error (an epilog: its record could not be spooled either; counters kept)",
     9: "not allowed: another user's jobs (private data)",
     10: "the metrics could not be written or served",
+    11: "the cluster ledger could not be reached or used (nothing is lost: shipping resumes later)",
 }

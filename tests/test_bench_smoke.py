@@ -49,3 +49,16 @@ def test_wire_bench_runs(tmp_path: Path) -> None:
     assert {r["backend"] for r in rows} == {"bpf", "nftables", "iptables"}
     assert all(r["counted"] == r["wire"] for r in rows if r["backend"] == "bpf"), rows
     assert any(r.get("bpf_ns_per_run") for r in rows)
+
+
+@pytest.mark.slow
+def test_ledger_bench_runs(tmp_path: Path) -> None:
+    need_root()
+    out = tmp_path / "l.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "ledger.py"), "--jobs", "2000", "--ship-jobs", "300",
+                        "--nodes", "3", "--dir", str(tmp_path / "d"), "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["ship1_records_per_s"] > 0 and data["shipN_records_per_s"] > 0
+    assert data["grouped_s"] > 0 and data["parsable_bytes"] > 2000 * 10

@@ -723,3 +723,16 @@ def _report_api() -> types.SimpleNamespace:
                                  aggregate_parallel=report_aggregate.aggregate_parallel,
                                  iter_jobs=report_records.iter_jobs, Query=report_records.Query,
                                  Notes=report_records.Notes)
+
+
+def test_counts_past_2_to_the_53_stay_exact(tmp_path: Path) -> None:
+    """SQLite's TOTAL() is a float; the report sums as integers (found by the ledger's property test)."""
+    from slurm_netacct.report import records
+    from slurm_netacct.store import db as store
+
+    db = store.connect(tmp_path / "n1.db")
+    big = 2**53 + 1
+    store.record_end(db, store.JobInfo(9, "n1", user="ann"), "completed",
+                     {"lan": {"in_bytes": big, "out_bytes": 2**62 + 3, "in_packets": 1, "out_packets": big}})
+    [rec] = records.load([tmp_path / "n1.db"], {9})
+    assert rec.traffic["lan"] == {"in_bytes": big, "out_bytes": 2**62 + 3, "in_packets": 1, "out_packets": big}

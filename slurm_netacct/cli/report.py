@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import config as config_mod
 from .. import naming
-from ..errors import NetacctError, NotAllowedError, UsageError
+from ..errors import ConfigError, NetacctError, NotAllowedError, UsageError
 from ..report import access, render, timeparse
 from ..report.aggregate import GROUP_BY, Group, aggregate, aggregate_parallel
 from ..report.rates import Rates
@@ -71,6 +71,11 @@ def _arguments(p: Parser) -> None:
                      help="a node database (repeatable); default: the configured db")
     src.add_argument("--db-dir", metavar="DIR", action="append", type=Path,
                      help="every *.db in DIR (node databases on a shared filesystem)")
+    src.add_argument("--ledger", action="store_true",
+                     help="the cluster ledger of the config's [ledger] (its report account); "
+                          "selection and aggregation are done by the database server")
+    src.add_argument("-M", "--clusters", metavar="CLUSTER",
+                     help="with --ledger: this SLURM cluster's jobs (default: [ledger] cluster); one at a time")
 
 
 def _names(values: list[str] | None, flag: str) -> frozenset[str] | None:
@@ -193,6 +198,9 @@ def _body(args: argparse.Namespace) -> None:
     cfg = config_mod.load()
     who = access.private_viewer(cfg)
     query = build_query(args, who, billing=bool(group_by) or args.rates is not None)
+    if args.ledger or args.clusters is not None:
+        _from_ledger(args, cfg, who, query, group_by)
+        return
     sources = _sources(args, cfg)
     access.check_jobs(who, query.job_ids, sources)
     classes = read.classes_in(sources)
@@ -214,6 +222,48 @@ def _body(args: argparse.Namespace) -> None:
         _write_jobs(args, records, cols, rates)
     sys.stdout.flush()
     for line in notes.lines():  # never on stdout: scripts parse it
+        COMMAND.complain(line)
+
+
+def _from_ledger(args: argparse.Namespace, cfg: config_mod.Config, who: str | None, query: Query,
+                 group_by: tuple[str, ...] | None) -> None:
+    """The report from the cluster ledger: same flags, same output, the server selects and sums."""
+    from ..report.ledger import LedgerSource
+    from ..store import ledger
+
+    if not args.ledger:
+        raise UsageError("-M/--clusters reads the ledger: give --ledger too")
+    if args.db or args.db_dir:
+        raise UsageError("--ledger reads the cluster ledger: not with --db or --db-dir")
+    if cfg.ledger is None:
+        raise ConfigError("--ledger: no [ledger] in the configuration")
+    cluster = cfg.ledger.cluster
+    if args.clusters is not None:
+        names = _names([args.clusters], "-M/--clusters") or frozenset()
+        if len(names) != 1:
+            raise UsageError("-M/--clusters: one cluster at a time")
+        cluster = next(iter(names))
+    with ledger.connect(cfg.ledger, report=True) as led:
+        src = LedgerSource(led, cluster)
+        if who is not None and query.job_ids is not None:
+            others = src.others_jobs(query.job_ids, who)
+            if others:
+                raise NotAllowedError(f"job {others[0]} is another user's: {who} may see only "
+                                      "their own jobs (config [report] private = true)")
+        classes = src.classes()
+        classes += [k for k in cfg.class_names if k not in classes]
+        rates = load_rates(args.rates, classes) if args.rates is not None else None
+        if args.helpformat:
+            print(" ".join(render.available(classes, group_by, rates)))
+            return
+        cols = render.columns(args.format, classes, group_by, rates)
+        notes = Notes()
+        if group_by:
+            _write_groups(args, src.aggregate(query, classes, group_by, rates, notes), group_by, cols, rates)
+        else:
+            _write_jobs(args, src.iter_jobs(query, classes, notes), cols, rates)
+        sys.stdout.flush()
+    for line in notes.lines():
         COMMAND.complain(line)
 
 

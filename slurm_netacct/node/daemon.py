@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import config as config_mod
-from .. import counting
+from .. import counting, naming
 from ..kernel import libc, netns
 from ..log import setup as setup_log
 from . import hooks
@@ -132,6 +132,8 @@ class Daemon:
         for i in range(self.workers):
             threading.Thread(target=self._work, name=f"worker-{i}", daemon=True).start()
         self.log.info("listening on %s (config %s)", self.sock_path, self.cfg_path)
+        if self.cfg.ledger is not None:
+            threading.Thread(target=self._ship_loop, name="ship", daemon=True).start()
         from .agreement import disagreements
 
         for line in disagreements(self.cfg):
@@ -171,6 +173,36 @@ class Daemon:
     def drain(self, timeout: float = 30) -> None:
         self.later.put(None)
         self.later_thread.join(timeout)
+
+    def _ship_loop(self) -> None:
+        """Every [ledger] interval seconds, ship this node's database to the ledger (as
+        netacct-ship does); a failure is logged once until shipping works again."""
+        from ..errors import NetacctError
+        from ..store import ship
+
+        led = self.cfg.ledger
+        assert led is not None
+        node = naming.default_node()
+        path = self.cfg.db_for(node)
+        failing = False
+        while not self.stopping.wait(led.interval):
+            if not path.exists():
+                continue
+            try:
+                done = ship.ship(path, led)
+            except NetacctError as exc:
+                if not failing:
+                    self.log.error("node %s: shipping to the ledger failed (retried every %d s): %s",
+                                   node, led.interval, exc)
+                failing = True
+                continue
+            except Exception:  # a bug: logged, the service goes on
+                self.log.exception("node %s: shipping to the ledger failed", node)
+                continue
+            if failing or done.rows:
+                self.log.info("node %s: %d rows shipped to the ledger (watermark %d)", node, done.rows,
+                              done.watermark)
+            failing = False
 
     def _work(self) -> None:
         while True:

@@ -260,10 +260,17 @@ def iter_jobs(paths: Iterable[Path], query: Query = Query(), classes: list[str] 
     sources = read.unique_sources(paths)
     if classes is None:
         classes = read.classes_in(sources)
-    if notes is None:
-        notes = Notes()
     rows = query.rows()
     merged = heapq.merge(*(read.node_rows(p, rows, classes) for p in sources), key=_KEY)
+    return jobs_from_rows(merged, query, classes, notes)
+
+
+def jobs_from_rows(merged: Iterable[Row], query: Query, classes: list[str],
+                   notes: Notes | None = None) -> Iterator[JobRecord]:
+    """Job records from node rows in (job id, node, restart) order (a row may come several
+    times: its most final copy is taken), those the query wants; constant memory."""
+    if notes is None:
+        notes = Notes()
     group: list[Row] = []
     differing: list[str] = []  # nodes of the group's rows whose copies disagreed
     for row, differs in _final_rows(merged):

@@ -18,7 +18,7 @@ from ..errors import PoolExhaustedError, StoreError
 from ..states import State
 from ..traffic import FIELDS
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 30_000
 
 JOB_COLUMNS: dict[str, Any] = {
@@ -26,6 +26,7 @@ JOB_COLUMNS: dict[str, Any] = {
     "partition": str, "start": str, "end": str, "state": str, "netns": str,
     "ipv4": str, "ipv6": str, "backend": str, "sampled_at": str,
     "classes": str,  # the classes its counters count, in counter order, comma-separated
+    "changed": int,  # version 4: when the row (or its traffic) last changed, a node-wide sequence
 }
 TRAFFIC_COLUMNS: dict[str, Any] = {"job_id": int, "node": str, "restart": int, "class": str,
                                    **{f: int for f in FIELDS}}
@@ -71,6 +72,26 @@ def connect(path: Path, create: bool = True) -> sqlite_utils.Database:
         raise StoreError(f"database {path}: {exc.strerror}") from None
 
 
+# Every write of a job row or of its traffic gives the row the next number of a node-wide
+# sequence (`changed`): whatever path wrote it (hooks, samples, spool replay, reconcile),
+# netacct-ship finds it above its watermark. A writer holds the write lock, so a number is
+# always above every number a reader's snapshot can hold: nothing slips under a watermark.
+_NEXT_CHANGE = "(SELECT COALESCE(MAX(changed), 0) + 1 FROM jobs)"
+_CHANGE_TRIGGERS = (
+    "CREATE TRIGGER IF NOT EXISTS jobs_changed_insert AFTER INSERT ON jobs BEGIN "
+    f"UPDATE jobs SET changed = {_NEXT_CHANGE} WHERE rowid = NEW.rowid; END",
+    "CREATE TRIGGER IF NOT EXISTS jobs_changed_update AFTER UPDATE OF job_id, node, restart, user, uid, "
+    "account, partition, start, \"end\", state, sampled_at, classes ON jobs BEGIN "
+    f"UPDATE jobs SET changed = {_NEXT_CHANGE} WHERE rowid = NEW.rowid; END",
+    "CREATE TRIGGER IF NOT EXISTS traffic_changed_insert AFTER INSERT ON traffic BEGIN "
+    f"UPDATE jobs SET changed = {_NEXT_CHANGE} WHERE job_id = NEW.job_id AND node = NEW.node "
+    "AND restart = NEW.restart; END",
+    "CREATE TRIGGER IF NOT EXISTS traffic_changed_update AFTER UPDATE ON traffic BEGIN "
+    f"UPDATE jobs SET changed = {_NEXT_CHANGE} WHERE job_id = NEW.job_id AND node = NEW.node "
+    "AND restart = NEW.restart; END",
+)
+
+
 def _ensure_schema(db: sqlite_utils.Database) -> None:
     if db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
         return
@@ -85,6 +106,9 @@ def _ensure_schema(db: sqlite_utils.Database) -> None:
             db.conn.execute("ALTER TABLE jobs ADD COLUMN sampled_at TEXT")
         if version in (1, 2):  # version 3: the classes a job's counters count
             db.conn.execute("ALTER TABLE jobs ADD COLUMN classes TEXT")
+        if version in (1, 2, 3):  # version 4: a change sequence for shipping to the ledger
+            db.conn.execute("ALTER TABLE jobs ADD COLUMN changed INTEGER")
+            db.conn.execute("UPDATE jobs SET changed = rowid")  # every existing row is yet to ship
         db.conn.execute("PRAGMA journal_mode=WAL")  # no-op inside a transaction if already WAL
         db["jobs"].create(JOB_COLUMNS, pk=("job_id", "node", "restart"), not_null={"job_id", "node", "restart", "state"}, if_not_exists=True)
         db["traffic"].create(TRAFFIC_COLUMNS, pk=("job_id", "node", "restart", "class"), if_not_exists=True)
@@ -93,6 +117,11 @@ def _ensure_schema(db: sqlite_utils.Database) -> None:
         db["leases"].create_index(["node", "job_id"], unique=True, if_not_exists=True)
         db["jobs"].create_index(["start"], if_not_exists=True)
         db["jobs"].create_index(["state"], if_not_exists=True)
+        db["jobs"].create_index(["changed"], if_not_exists=True)
+        db["ship_marks"].create({"ledger": str, "watermark": int, "shipped_at": str}, pk="ledger",
+                                if_not_exists=True)
+        for sql in _CHANGE_TRIGGERS:
+            db.conn.execute(sql)
         db.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     db.conn.execute("PRAGMA journal_mode=WAL")
 

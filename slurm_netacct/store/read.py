@@ -112,7 +112,8 @@ def node_rows(path: Path, sel: RowFilter, classes: list[str]) -> Iterator[Row]:
     Row: job_id, node, restart, user, account, partition, start, end, state, sampled_at, and
     then the four traffic numbers (FIELDS) of each class in `classes` order."""
     conn = _open_ro(path)
-    cols = [f"TOTAL(CASE WHEN t.class = '{k}' THEN t.{f} END)" for k in classes for f in FIELDS]
+    # SUM, not TOTAL: TOTAL is a float, inexact past 2**53 (a property test of the ledger found it)
+    cols = [f"COALESCE(SUM(CASE WHEN t.class = '{k}' THEN t.{f} END), 0)" for k in classes for f in FIELDS]
     where: list[str] = []
     params: list[Any] = []
     _in("job_id", sel.job_ids, where, params)
