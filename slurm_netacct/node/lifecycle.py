@@ -59,8 +59,11 @@ def setup_job(cfg: Config, info: store.JobInfo, resolv_conf: Path | None = None)
     """Build the job's namespace, link, addresses, routes and counters; record its start.
 
     Idempotent: a job that is already fully set up is left untouched. On any failure all
-    that this call made is removed again before the error propagates.
+    that this call made is removed again before the error propagates. The engine (config
+    `engine`) is chosen here, and only here: "cgroup" builds no network at all (_setup_cgroup).
     """
+    if cfg.engine == counting.CGROUP:
+        return _setup_cgroup(cfg, info)
     log = get_log()
     names = JobNames.of(cfg, info.job_id, info.host)
     jid = info.job_id
@@ -132,6 +135,43 @@ def _build(cfg: Config, db: sqlite_utils.Database, info: store.JobInfo, job: cou
     log.info("job %d: set up %s, %s %s%s via %s (%s, %s%s)", jid, names.netns, names.host_if,
              addrs.ipv4, f" {addrs.ipv6}" if addrs.ipv6 else "", plan.uplink, counter.name,
              cfg.mode, f", DNS to {plan.dns_stub}" if plan.dns_stub else "")
+
+
+def _setup_cgroup(cfg: Config, info: store.JobInfo) -> JobNames:
+    """The cgroup engine's prolog: the job's counting programs and counters, pinned (and, in
+    mode "own", its cgroup made and the programs attached); its start recorded. No namespace,
+    link, address, route or NAT. Idempotent; rolls back what it made on failure."""
+    log = get_log()
+    jid = info.job_id
+    names = JobNames.of(cfg, jid, info.host)
+    counter = counting.named(counting.CGROUP)
+    job = counting.Counted(names, tuple(cfg.class_names))
+    db = open_db(cfg, info.node)
+    try:
+        row = store.job_row(db, info)
+        if (row is not None and row["state"] == State.RUNNING and row["backend"] == counter.name
+                and os.path.exists(naming.bpf_pin(cfg.bpffs, names.netns))):
+            log.info("job %d: already set up (%s), nothing to do", jid, names.netns)
+            return names
+        close_older_runs(cfg, db, info, names, read_namespace=False)
+        counter.remove(cfg, job)  # what a killed prolog left, if anything
+        try:
+            counter.install(cfg, job, None)  # type: ignore[arg-type]
+            failpoint("rules")
+            store.record_start(db, info, names.netns, None, None, counter.name, job.classes)  # type: ignore[arg-type]
+        except BaseException as exc:
+            log.error("job %d: setup failed (%s); rolling back", jid, exc)
+            try:
+                counter.remove(cfg, job)
+            except Exception as undo_exc:
+                log.error("job %d: rollback of counters failed: %s", jid, undo_exc)
+            raise
+    finally:
+        db.close()
+    from ..counting import cgroup as cgroup_counting
+
+    log.info("job %d: set up %s (cgroup engine, mode %s)", jid, names.netns, cgroup_counting.mode(cfg))
+    return names
 
 
 def ensure_node(cfg: Config, plan: NodePlan) -> None:
@@ -291,6 +331,10 @@ def _record_final(cfg: Config, info: store.JobInfo, names: JobNames, rec: _Recor
     jid = info.job_id
     counter = counting.named((rec.row or {}).get("backend") or counting.choose(cfg).name)
     job = _counted(cfg, names, rec.row)
+    try:
+        counter.stop(cfg, job)
+    except SetupError as exc:  # it counts on, a little: read what there is all the same
+        log.error("job %d: cannot stop counting before the final read: %s", jid, exc)
     has_netns = netns.is_netns(names.netns_path)
     if has_netns or (counter.outlives_namespace and (rec.row or {}).get("state") == State.RUNNING):
         try:

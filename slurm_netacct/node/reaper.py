@@ -68,7 +68,8 @@ def slurm_active_jobs(node: str, squeue: str | None = None, timeout: float = 30)
 
 
 def leftovers(cfg: Config, node: str) -> dict[int, list[str]]:
-    """Every job with something of the project on this node: namespaces, links, DB rows, leases."""
+    """Every job with something of the project on this node: namespaces, links, pins, cgroups,
+    DB rows, leases."""
     found: dict[int, list[str]] = {}
     prefix = naming.expand_prefix(cfg.netns_prefix)
     try:
@@ -88,10 +89,23 @@ def leftovers(cfg: Config, node: str) -> dict[int, list[str]]:
         pinned = os.listdir(pins)
     except OSError:  # no BPF counting here (yet)
         pinned = []
-    for name in pinned:
-        job = naming.job_id_from_netns(prefix, name)
+    for name in sorted(pinned):  # counters (both engines), programs (the cgroup engine)
+        job = naming.job_id_from_pin(prefix, name)
         if job is not None:
-            found.setdefault(job, []).append(f"counters {pins / name}")
+            what = "counters" if naming.job_id_from_netns(prefix, name) is not None else "program"
+            found.setdefault(job, []).append(f"{what} {pins / name}")
+    if cfg.engine == "cgroup":  # the cgroup engine's own cgroups (mode "own")
+        from ..counting import cgroup as cgroup_counting
+
+        try:
+            base = cgroup_counting.root(cfg)
+            own = os.listdir(base)
+        except (SetupError, OSError):
+            own = []
+        for name in own:
+            job = naming.job_id_from_netns(prefix, name)
+            if job is not None and (base / name).is_dir():
+                found.setdefault(job, []).append(f"cgroup {base / name}")
     path = cfg.db_for(node)
     if path.exists():
         db = store.connect(path)
