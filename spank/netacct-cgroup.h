@@ -213,10 +213,43 @@ static inline int netacct_slurm_job_cgroup(uint32_t jobid, char *path, size_t le
 }
 
 /*
+ * 1 if program progfd is attached to cgroup cgfd as type, 0 if not, -1 if
+ * that cannot be asked.  (The kernel refuses to attach one program twice with
+ * BPF_F_ALLOW_MULTI, with EINVAL: that is how a repeat is told apart.)
+ */
+static inline int netacct_is_attached(int cgfd, int progfd,
+				      enum bpf_attach_type type)
+{
+	struct bpf_prog_info info;
+	union bpf_attr attr;
+	uint32_t ids[64];
+	uint32_t i;
+
+	memset(&info, 0, sizeof(info));
+	memset(&attr, 0, sizeof(attr));
+	attr.info.bpf_fd = (uint32_t) progfd;
+	attr.info.info_len = sizeof(info);
+	attr.info.info = (uint64_t) (uintptr_t) &info;
+	if (netacct_bpf(BPF_OBJ_GET_INFO_BY_FD, &attr) < 0)
+		return -1;
+	memset(&attr, 0, sizeof(attr));
+	attr.query.target_fd = (uint32_t) cgfd;
+	attr.query.attach_type = type;
+	attr.query.prog_ids = (uint64_t) (uintptr_t) ids;
+	attr.query.prog_cnt = 64;
+	if (netacct_bpf(BPF_PROG_QUERY, &attr) < 0)
+		return -1;
+	for (i = 0; i < attr.query.prog_cnt && i < 64; i++)
+		if (ids[i] == info.id)
+			return 1;
+	return 0;
+}
+
+/*
  * Mode "slurm": attach the job's pinned programs to the job-level cgroup of
  * the calling slurmstepd (already in job_<id>/step_*), with BPF_F_ALLOW_MULTI
  * so that SLURM's own device program and any other stay.  Already attached
- * (another step's stepd did it: EEXIST) is success.  Returns 0, or -1 with a
+ * (another step's stepd did it) is success.  Returns 0, or -1 with a
  * reason in msg.
  */
 static inline int netacct_attach_job_cgroup(const struct netacct_conf *c,
@@ -257,7 +290,8 @@ static inline int netacct_attach_job_cgroup(const struct netacct_conf *c,
 		attr.attach_bpf_fd = (uint32_t) progfd;
 		attr.attach_type = netacct_prog_type(d);
 		attr.attach_flags = BPF_F_ALLOW_MULTI;
-		if (netacct_bpf(BPF_PROG_ATTACH, &attr) < 0 && errno != EEXIST) {
+		if (netacct_bpf(BPF_PROG_ATTACH, &attr) < 0 &&
+		    netacct_is_attached(cgfd, progfd, netacct_prog_type(d)) != 1) {
 			err = errno;
 			close(progfd);
 			snprintf(msg, msglen, "job %u: cannot attach %s to %s: %s",

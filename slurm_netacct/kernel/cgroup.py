@@ -111,14 +111,17 @@ def open_dir(path: Path) -> int:
 def attach(path: Path, progs: dict[str, int]) -> None:
     """Attach the counting programs (direction -> fd) to the cgroup with BPF_F_ALLOW_MULTI, so
     that programs of others (SLURM's device program, systemd's) stay as they are. A program that
-    is already attached there (EEXIST) is left as it is."""
+    is already attached there is left as it is (the kernel refuses a second attachment of one
+    program with EINVAL: asked with PROG_QUERY)."""
     fd = open_dir(path)
     try:
         for direction, prog in progs.items():
             try:
                 bpf.prog_attach(fd, prog, INET_TYPES[direction], bpf.BPF_F_ALLOW_MULTI)
             except bpf.BpfError as exc:
-                if exc.errno != errno.EEXIST:
+                if exc.errno not in (errno.EINVAL, errno.EEXIST):
+                    raise
+                if bpf.prog_info(prog).id not in bpf.prog_query(fd, INET_TYPES[direction])[1]:
                     raise
     finally:
         os.close(fd)
