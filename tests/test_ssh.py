@@ -273,3 +273,40 @@ def test_the_module_finds_the_job_in_the_cgroup_path(tmp_path: Path, lines: list
         assert (r.returncode, r.stdout, r.stderr) == (0, f"{expect}\n", "")
     else:
         assert r.returncode == 1 and r.stdout == "" and expect in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_with_the_cgroup_engine_an_ssh_session_lands_in_the_jobs_cgroup(lab: Lab) -> None:
+    """engine = "cgroup" (mode own; SLURM on cgroup v1 here): pam_netacct moves the adopted
+    session into the job's own cgroup instead of a namespace; what it sends is counted exactly.
+    The lab's config and plugstack.conf are switched for this one job (slurmstepd reads
+    plugstack.conf at every step; the prolog reads the config at every job) and restored."""
+    root = Path("/sys/fs/cgroup/unified") / f"{TAG}cg"
+    args = f"engine=cgroup cgroup=own cgroup_root={root} bpffs={lab.topo.bpffs} prefix={JOB_PREFIX}"
+    config, plugstack = lab.config.read_text(), lab.slurm.plugstack_path.read_text()
+    lab.config.write_text(f'engine = "cgroup"\n{config}[cgroup]\nmode = "own"\nroot = "{root}"\n')
+    lab.slurm.plugstack_path.write_text(f"required {ROOT}/spank/netacct.so {args}\n")
+    lab.pam(f"session  required {PAM_NETACCT} {args}")
+    try:
+        job = _running_job(lab)
+        mine = f"/{root.name}/{JOB_PREFIX.replace('%h', NODE)}{job}"
+        lab.topo.reset_servers()
+        r = lab.ssh(f"grep -c /job_{job}/step_extern /proc/self/cgroup; grep '^0::' /proc/self/cgroup | cut -c4-; "
+                    f"python3 {lab.work}/traffic.py tcp-up {WAN4} {PORT} 700000")
+        assert r.returncode == 0, r.stderr + (lab.slurm.log_dir / "sshd.log").read_text()[-3000:]
+        adopted, cgroup, sent = r.stdout.split()
+        assert int(adopted) >= 1 and cgroup == mine and sent == "700000", r.stdout
+        lab.topo.wait_quiet()
+        wan = lab.topo.server_counts("wan")
+        _finish(lab, job)
+        rec = lab.report(job)
+        assert (rec["traffic"]["wan"]["out_packets"], rec["traffic"]["wan"]["out_bytes"]) == wan["rx"]
+        assert (rec["traffic"]["wan"]["in_packets"], rec["traffic"]["wan"]["in_bytes"]) == wan["tx"]
+        assert wan["rx"][1] > 700_000 and not (root / mine.rsplit("/", 1)[1]).exists()
+    finally:
+        lab.config.write_text(config)
+        lab.slurm.plugstack_path.write_text(plugstack)
+        if root.is_dir():
+            for d in root.iterdir():
+                if d.is_dir():
+                    d.rmdir()
+            root.rmdir()
