@@ -27,11 +27,26 @@ def test_throughput_bench_runs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_hooks_bench_runs(tmp_path: Path) -> None:
+def test_throughput_bench_runs_the_cgroup_engine(tmp_path: Path) -> None:
+    need_root()
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--backends", "bpf,cgroup",
+                        "--jobs", "3", "--seconds", "1", "--reps", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == {"bpf", "cgroup"}
+    assert all(res["job0"] > 0 and res["jobN"] > 0 for res in data["results"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["netns", "cgroup"])
+def test_hooks_bench_runs(tmp_path: Path, engine: str) -> None:
     need_root()
     out = tmp_path / "h.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "hooks.py"), "--jobs", "3", "--runs", "2",
-                        "--rounds", "2", "--json", str(out)], capture_output=True, text=True, timeout=300)
+                        "--rounds", "2", "--engine", engine, "--json", str(out)], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     assert len(data["prolog_ratios"]) == len(data["epilog_ratios"]) == 2

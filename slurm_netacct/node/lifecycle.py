@@ -350,7 +350,8 @@ def _record_final(cfg: Config, info: store.JobInfo, names: JobNames, rec: _Recor
             traffic = traffic_of(counters, job.classes)
             rec.save(done_state, traffic)
             log.info("job %d: counters %s (%s)%s: %s", jid, "spooled" if rec.spooled else "stored",
-                     done_state, "" if has_netns else f", its namespace {names.netns} gone", summary(traffic))
+                     done_state, "" if has_netns or counter.name == counting.CGROUP else f", its namespace {names.netns} gone",
+                     summary(traffic))
             return done_state
     if rec.row is not None and rec.row["state"] == State.RUNNING:
         rec.save(State.LOST, None)
