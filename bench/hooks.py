@@ -56,6 +56,8 @@ class Bench:
         self.cfg.write_text(f'uplink = "{UPLINK}"\nnetns_prefix = "{topo.tag}j-"\ndb = "{work}/n.db"\n'
                             f'log_file = "{work}/netacct.log"\nbpffs = "{topo.bpffs}"\n'
                             f'counting = "{counting}"\n{cgroup}')
+        self.sock = work / "daemon.sock"
+        self.daemon: subprocess.Popen[str] | None = None
 
     def remove_cgroups(self) -> None:
         """The cgroup engine's subtree of this run (its jobs' cgroups are gone by now: empty)."""
@@ -64,8 +66,6 @@ class Bench:
                 if d.is_dir():
                     d.rmdir()
             self.cg_root.rmdir()
-        self.sock = work / "daemon.sock"
-        self.daemon: subprocess.Popen[str] | None = None
 
     def start_daemon(self) -> None:
         self.daemon = subprocess.Popen([str(ROOT / ".venv/bin/netacct-daemon"), "--config", str(self.cfg),
@@ -218,9 +218,11 @@ def main() -> int:
             res["rss_kib"] = [(jobs, rss) for jobs, rss, _, _ in samples]
             res["fds"] = [(jobs, fds) for jobs, _, fds, _ in samples]
     finally:
-        b.stop_daemon()
-        topo.down()
-        b.remove_cgroups()
+        try:
+            b.stop_daemon()
+        finally:
+            topo.down()
+            b.remove_cgroups()
         # Job namespaces a failed run left behind (their links went with the node): this run's only.
         for left in Path("/run/netns").glob(f"{tag}*"):
             subprocess.run(["ip", "netns", "del", left.name], check=False)
