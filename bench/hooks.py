@@ -61,11 +61,9 @@ class Bench:
 
     def remove_cgroups(self) -> None:
         """The cgroup engine's subtree of this run (its jobs' cgroups are gone by now: empty)."""
-        if self.cg_root.is_dir():
-            for d in self.cg_root.iterdir():
-                if d.is_dir():
-                    d.rmdir()
-            self.cg_root.rmdir()
+        from slurm_netacct.kernel.cgroup import remove_tree
+
+        remove_tree(self.cg_root)
 
     def start_daemon(self) -> None:
         self.daemon = subprocess.Popen([str(ROOT / ".venv/bin/netacct-daemon"), "--config", str(self.cfg),

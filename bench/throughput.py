@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from topology import LAN4, UPLINK, Topology  # noqa: E402
 
 from slurm_netacct import config  # noqa: E402
+from slurm_netacct.kernel.cgroup import remove_tree  # noqa: E402
 from slurm_netacct.node import lifecycle  # noqa: E402
 from slurm_netacct.store import db as store  # noqa: E402
 from slurm_netacct.log import setup as setup_log  # noqa: E402
@@ -120,11 +121,7 @@ def main() -> int:
         # Job namespaces a failed run left behind (their links went with the node): this run's only.
         for left in Path("/run/netns").glob(f"{tag}*"):
             subprocess.run(["ip", "netns", "del", left.name], check=False)
-        if cg_root.is_dir():  # the cgroup engine's subtree (its jobs' cgroups are gone: empty)
-            for d in cg_root.iterdir():
-                if d.is_dir():
-                    d.rmdir()
-            cg_root.rmdir()
+        remove_tree(cg_root)  # the cgroup engine's subtree (its jobs' cgroups are gone: empty)
         shutil.rmtree(work, ignore_errors=True)  # configs, logs and databases of this run
     n = args.jobs
     print()

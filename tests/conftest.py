@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from slurm_netacct import config, counting, naming
+from slurm_netacct.kernel import cgroup
 from slurm_netacct.traffic import Counters
 from topology import UPLINK, Topology, in_ns
 
@@ -56,11 +57,7 @@ def topo() -> Iterator[Topology]:
         assert leftovers == [], f"the suite left objects behind: {leftovers}"
     finally:
         t.down()
-        if CG_ROOT.is_dir():  # (a job's cgroup left here was reported above) removed all the same
-            for d in CG_ROOT.iterdir():
-                if d.is_dir():
-                    d.rmdir()
-            CG_ROOT.rmdir()
+        cgroup.remove_tree(CG_ROOT)  # (a job's cgroup left here was reported above) removed all the same
     assert not [n for n in os.listdir("/run/netns") if n.startswith(TAG)]
 
 
@@ -271,31 +268,28 @@ def node(topo: Topology, tmp_path: Path, backend: str) -> Iterator[Node]:
     assert project_leftovers(topo) == []
 
 
-@pytest.fixture
-def bpf_node(topo: Topology, tmp_path: Path) -> Iterator[Node]:
-    """A node that counts the default way (BPF), without the service."""
-    n = Node(topo, tmp_path, "bpf")
+def _plain_node(topo: Topology, tmp_path: Path, backend: str) -> Iterator[Node]:
+    """A node that counts with `backend`, without the service; nothing of it left afterwards."""
+    n = Node(topo, tmp_path, backend)
     topo.reset_servers()
     yield n
     n.cleanup()
     assert project_leftovers(topo) == []
+
+
+@pytest.fixture
+def bpf_node(topo: Topology, tmp_path: Path) -> Iterator[Node]:
+    """A node that counts the default way (BPF), without the service."""
+    yield from _plain_node(topo, tmp_path, "bpf")
 
 
 @pytest.fixture
 def cg_node(topo: Topology, tmp_path: Path) -> Iterator[Node]:
     """A node with the cgroup engine (its own cgroups under CG_ROOT), without the service."""
-    n = Node(topo, tmp_path, "cgroup")
-    topo.reset_servers()
-    yield n
-    n.cleanup()
-    assert project_leftovers(topo) == []
+    yield from _plain_node(topo, tmp_path, "cgroup")
 
 
 @pytest.fixture
 def nft_node(topo: Topology, tmp_path: Path) -> Iterator[Node]:
     """A node that counts with nftables, without the service."""
-    n = Node(topo, tmp_path, "nftables")
-    topo.reset_servers()
-    yield n
-    n.cleanup()
-    assert project_leftovers(topo) == []
+    yield from _plain_node(topo, tmp_path, "nftables")

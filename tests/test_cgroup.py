@@ -244,9 +244,7 @@ def slurm_scope() -> Iterator[Path]:
     try:
         yield scope
     finally:
-        for d in sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-            d.rmdir()
-        base.rmdir()
+        cg.remove_tree(base)
 
 
 def _device_program() -> int:
@@ -297,9 +295,7 @@ def test_slurm_job_cgroup_on_slurms_own_layout(topo, tmp_path: Path, slurm_scope
         topo.wait_quiet()
         wan, lan = topo.server_counts("wan"), topo.server_counts("lan")
         # SLURM removes the job's cgroup, leaves first: nothing of ours is in the way.
-        for d in sorted((p for p in job_dir.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-            d.rmdir()
-        job_dir.rmdir()
+        cg.remove_tree(job_dir)
         node.epilog(job)
         t = _traffic(node, job)
         assert (_pair(t["wan"], "out"), _pair(t["wan"], "in")) == (wan["rx"], wan["tx"])

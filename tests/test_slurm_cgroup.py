@@ -15,42 +15,21 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, VENV_BIN, need_root
-from slurmharness import NodeSpec, SlurmCluster, ensure_user, make_workdir
-from topology import CTL4, LAN4, PORT, WAN4, WAN6, Topology, in_ns
+from conftest import ROOT, need_root
+from e2e import USER, Cluster, running_cluster
+from slurm_netacct.kernel import cgroup
+from slurmharness import ensure_user, make_workdir
+from topology import LAN4, PORT, WAN4, WAN6, Topology, in_ns
 
 pytestmark = pytest.mark.e2e
 
-USER = "netacct-test"
 BASE = f"nsc{os.getpid() % 100000}-"
 JOB_PREFIX = f"{BASE}%h-"  # several slurmd on this host: the host name keeps their jobs apart
 CG_ROOT = Path("/sys/fs/cgroup/unified") / f"{BASE}cg"
-
-
-@dataclass
-class Cluster:
-    topo: Topology
-    slurm: SlurmCluster
-    work: Path
-    config: Path
-
-    def report(self, *args: str) -> list[dict]:
-        dbs = [a for p in sorted(self.work.glob("n*.db")) for a in ("--db", str(p))]
-        r = subprocess.run([str(VENV_BIN / "netacct-report"), "--json", "--per-node", *dbs, *args],
-                           capture_output=True, text=True, env=dict(os.environ, NETACCT_CONFIG=str(self.config)))
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
-
-    def submit(self, script: str, *args: str) -> tuple[int, str]:
-        job = self.slurm.sbatch(script, "-o", "out-%j.txt", *args, user=USER)
-        state = self.slurm.wait_job(job, timeout=120)
-        out = self.slurm.job_dir(USER) / f"out-{job}.txt"
-        return job, f"{state}\n{out.read_text() if out.exists() else ''}"
 
 
 def _leftovers(topo: Topology) -> list[str]:
@@ -72,53 +51,25 @@ def cluster() -> Iterator[Cluster]:
     subprocess.run(["make", "-s", "-C", str(ROOT / "spank")], check=True)
     topo = Topology(f"sc{os.getpid() % 10000}-", nodes=("n1", "n2", "n3"), controller=True)
     work = make_workdir("netacct-e2e-cg")
-    for f in ("traffic.py", "pairs.py", "cgtamper.py"):
+    for f in ("traffic.py", "pairs.py", "cgtamper.py", "tamper.py"):
         shutil.copy(ROOT / "tests" / f, work / f)
-    (work / "resolv.conf").write_text("nameserver 127.0.0.53\noptions timeout:2 attempts:2\n")
     config = work / "netacct.toml"
     config.write_text(f'engine = "cgroup"\nnetns_prefix = "{JOB_PREFIX}"\n'
                       f'db = "{work}/%n.db"\nlog_file = "{work}/netacct-%n.log"\nspool_dir = "{work}/spool-%n"\n'
                       f'bpffs = "{topo.bpffs}"\n[cgroup]\nmode = "own"\nroot = "{CG_ROOT}"\n')
     topo.up()
-    slurm = None
-    stub = None
-    daemon = None
     leftovers: list[str] = []
+    plug = (f"required {ROOT}/spank/netacct.so engine=cgroup cgroup=own cgroup_root={CG_ROOT} "
+            f"bpffs={topo.bpffs} prefix={JOB_PREFIX}")
     try:
-        daemon = subprocess.Popen([str(VENV_BIN / "netacct-daemon"), "--config", str(config),
-                                   "--socket", str(work / "daemon.sock")], stdout=subprocess.PIPE, text=True)
-        assert daemon.stdout is not None and daemon.stdout.readline().startswith("netacct-daemon: listening")
-        stub = subprocess.Popen(["nsenter", f"--net=/run/netns/{topo.node_ns(2)}", "python3",
-                                 str(ROOT / "tests" / "dnsstub.py"), "127.0.0.53", f"lanserver.netacct.test={LAN4}"],
-                                stdout=subprocess.PIPE)
-        assert stub.stdout is not None and stub.stdout.readline().strip() == b"ready"
-        nodes = [NodeSpec(f"n{i + 1}", topo.node_ns(i), topo.node_addr(i), cpus=16) for i in range(len(topo.nodes))]
-        nodes[2].mount_setup = f"mount --bind {work}/resolv.conf /etc/resolv.conf"
-        plug = (f"required {ROOT}/spank/netacct.so engine=cgroup cgroup=own cgroup_root={CG_ROOT} "
-                f"bpffs={topo.bpffs} prefix={JOB_PREFIX}")
-        slurm = SlurmCluster(work, topo.ctl, CTL4, nodes, prolog=str(ROOT / "prolog"), epilog=str(ROOT / "epilog"),
-                             plugstack_lines=[plug],
-                             extra_env={"NETACCT_CONFIG": str(config), "NETACCT_SOCKET": str(work / "daemon.sock")})
-        slurm.start()
-        yield Cluster(topo, slurm, work, config)
+        with running_cluster(topo, work, config, plug) as c:
+            yield c
     finally:
-        if slurm is not None:
-            slurm.stop()
-        if stub is not None:
-            stub.terminate()
-            stub.wait(timeout=10)
-        if daemon is not None:
-            daemon.terminate()
-            assert daemon.wait(timeout=30) == 0
         try:
             leftovers = _leftovers(topo)
         finally:
             topo.down()
-            if CG_ROOT.is_dir():
-                for d in CG_ROOT.iterdir():  # (reported above) then removed: nothing stays
-                    if d.is_dir():
-                        d.rmdir()
-                CG_ROOT.rmdir()
+            cgroup.remove_tree(CG_ROOT)  # (what is left was reported above) then removed
         assert leftovers == [], f"left behind: {leftovers}"
         shutil.rmtree(work, ignore_errors=True)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, VENV_BIN, need_root
+from slurm_netacct.kernel import cgroup
 from slurmharness import NodeSpec, SlurmCluster, ensure_user, make_workdir
 from topology import CTL4, PORT, WAN4, Topology, in_ns
 
@@ -195,14 +196,19 @@ def test_an_ssh_session_into_a_job_is_counted_as_the_job(lab: Lab) -> None:
     # Port forwarding: sshd's own connection to the target is made in the job's namespace too.
     r = lab.ssh("-W", f"{WAN4}:{PORT}", input="UP\n" + "f" * 300_000)
     assert r.returncode == 0 and r.stdout.strip() == "300000", (r.stdout, r.stderr)
+    assert _wan_counted_exactly(lab, job)["rx"][1] > 1_000_000
+
+
+def _wan_counted_exactly(lab: Lab, job: int) -> dict[str, tuple[int, int]]:
+    """End the job; its WAN counts must be exactly what the WAN server saw, both directions
+    (nothing else in the job talked to it). What the server saw."""
     lab.topo.wait_quiet()
     wan = lab.topo.server_counts("wan")
     _finish(lab, job)
     rec = lab.report(job)
-    # Exactly what the WAN server saw, both directions; nothing else in the job talked to it.
     assert (rec["traffic"]["wan"]["out_packets"], rec["traffic"]["wan"]["out_bytes"]) == wan["rx"]
     assert (rec["traffic"]["wan"]["in_packets"], rec["traffic"]["wan"]["in_bytes"]) == wan["tx"]
-    assert wan["rx"][1] > 1_000_000
+    return wan
 
 
 def test_without_pam_netacct_the_same_session_escapes(lab: Lab) -> None:
@@ -293,20 +299,11 @@ def test_with_the_cgroup_engine_an_ssh_session_lands_in_the_jobs_cgroup(lab: Lab
         r = lab.ssh(f"grep -c /job_{job}/step_extern /proc/self/cgroup; grep '^0::' /proc/self/cgroup | cut -c4-; "
                     f"python3 {lab.work}/traffic.py tcp-up {WAN4} {PORT} 700000")
         assert r.returncode == 0, r.stderr + (lab.slurm.log_dir / "sshd.log").read_text()[-3000:]
-        adopted, cgroup, sent = r.stdout.split()
-        assert int(adopted) >= 1 and cgroup == mine and sent == "700000", r.stdout
-        lab.topo.wait_quiet()
-        wan = lab.topo.server_counts("wan")
-        _finish(lab, job)
-        rec = lab.report(job)
-        assert (rec["traffic"]["wan"]["out_packets"], rec["traffic"]["wan"]["out_bytes"]) == wan["rx"]
-        assert (rec["traffic"]["wan"]["in_packets"], rec["traffic"]["wan"]["in_bytes"]) == wan["tx"]
-        assert wan["rx"][1] > 700_000 and not (root / mine.rsplit("/", 1)[1]).exists()
+        adopted, where, sent = r.stdout.split()
+        assert int(adopted) >= 1 and where == mine and sent == "700000", r.stdout
+        assert _wan_counted_exactly(lab, job)["rx"][1] > 700_000
+        assert not (root / mine.rsplit("/", 1)[1]).exists()
     finally:
         lab.config.write_text(config)
         lab.slurm.plugstack_path.write_text(plugstack)
-        if root.is_dir():
-            for d in root.iterdir():
-                if d.is_dir():
-                    d.rmdir()
-            root.rmdir()
+        cgroup.remove_tree(root)

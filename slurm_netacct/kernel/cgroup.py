@@ -89,6 +89,17 @@ def remove(path: Path) -> bool:
     return True
 
 
+def remove_tree(path: Path) -> bool:
+    """rmdir a cgroup and every cgroup below it, deepest first (cgroups cannot be removed with
+    their children); False if it was not there. OSError (EBUSY) if one still holds processes."""
+    if not path.is_dir():
+        return False
+    for d in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        os.rmdir(d)
+    os.rmdir(path)
+    return True
+
+
 def procs(path: Path) -> list[int]:
     """The processes in the cgroup itself (not its children)."""
     try:
