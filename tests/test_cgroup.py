@@ -232,6 +232,51 @@ def test_the_reaper_stores_a_job_whose_epilog_never_ran(cg_node: Node) -> None:
     assert project_leftovers(cg_node.topo) == []
 
 
+def test_sample_and_exporter_read_the_cgroup_engines_counters(cg_node: Node, tmp_path: Path) -> None:
+    """netacct-sample and netacct-exporter read a running cgroup job's pinned counters like the
+    namespace engine's: the sample is what the wire carried; a job whose counters are gone is
+    an error, not "ending"."""
+    job = 3050
+    cg_node.prolog(job)
+    cg_node.traffic(job, "udp-up", WAN4, str(PORT), "25", "600")
+    cg_node.topo.wait_quiet()
+    wire = cg_node.topo.server_counts("wan")
+    env = dict(os.environ, NETACCT_CONFIG=str(cg_node.config_path), SLURMD_NODENAME="n1")
+    bin_ = Path(sys.executable).parent
+    r = subprocess.run([str(bin_ / "netacct-sample")], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    with sqlite3.connect(cg_node.db) as conn:
+        assert conn.execute("SELECT out_packets, out_bytes FROM traffic WHERE job_id = ? AND class = 'wan'",
+                            (job,)).fetchone() == wire["rx"] == (25, 25 * 628)
+    prom = tmp_path / "netacct.prom"
+    r = subprocess.run([str(bin_ / "netacct-exporter"), "--textfile", str(prom)], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (f'netacct_job_bytes_total{{account="physics",class="wan",direction="out",job_id="{job}",node="n1",'
+            f'user="alice"}} {25 * 628}.0') in prom.read_text()
+    cg_node.pin(job).unlink()  # an administrator's mistake
+    r = subprocess.run([str(bin_ / "netacct-sample")], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode != 0 and f"job {job}" in r.stderr, (r.returncode, r.stderr)
+    cg_node.epilog(job)
+
+
+def test_remove_node_removes_the_engines_own_cgroup_once_no_job_is_left(cg_node: Node) -> None:
+    """The uninstall path: nothing while a job has something here; then only the engine's own
+    (empty) cgroup subtree, no NAT or forwarding (the cgroup engine changed none)."""
+    env = dict(os.environ, NETACCT_CONFIG=str(cg_node.config_path), SLURMD_NODENAME="n1")
+    argv = [str(Path(sys.executable).parent / "netacct-reconcile"), "--remove-node"]
+    job = 3040
+    cg_node.prolog(job)
+    r = subprocess.run([*argv, "--active", str(job)], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 7 and "nothing removed" in r.stderr and CG_ROOT.is_dir()
+    cg_node.epilog(job)
+    r = subprocess.run([*argv, "--active", ""], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"node n1: removed cgroup {CG_ROOT}"] and not CG_ROOT.exists()
+    r = subprocess.run([*argv, "--active", ""], capture_output=True, text=True, env=env, timeout=60)
+    assert (r.returncode, r.stdout) == (0, ""), r.stderr
+
+
 # --------------------------------------------------------------------------- mode "slurm"
 
 @pytest.fixture

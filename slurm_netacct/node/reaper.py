@@ -189,13 +189,23 @@ def _job_info(cfg: Config, node: str, job: int) -> store.JobInfo:
 
 def remove_node(cfg: Config, node: str) -> list[str]:
     """Undo what the prologs set up on this node once no job of the project is left on it:
-    the node's NAT rules (both firewall backends) and forwarding where a prolog turned it
-    on. SetupError, touching nothing, while any job still has something here. What was undone."""
+    the node's NAT rules (both firewall backends), forwarding where a prolog turned it
+    on, and the cgroup engine's own cgroup. SetupError, touching nothing, while any job still has something here. What was undone."""
     left = leftovers(cfg, node)
     if left:
         first = min(left)
         raise SetupError(f"{len(left)} jobs still have objects on {node} (job {first}: "
                          f"{'; '.join(left[first])}): nothing removed")
     done = nat.remove_node(cfg)
+    if cfg.engine == "cgroup":  # the cgroup engine's own subtree (mode "own"), empty by now
+        from ..counting import cgroup as cgroup_counting
+        from ..kernel import cgroup
+
+        try:
+            base = cgroup_counting.root(cfg)
+            if cgroup.remove(base):
+                done.append(f"cgroup {base}")
+        except (SetupError, OSError) as exc:
+            get_log().error("node %s: the cgroup engine's cgroup cannot be removed: %s", node, exc)
     get_log().warning("node %s: removed %s", node, ", ".join(done) if done else "nothing (nothing was set up)")
     return done
