@@ -260,6 +260,77 @@ def test_sample_and_exporter_read_the_cgroup_engines_counters(cg_node: Node, tmp
     cg_node.epilog(job)
 
 
+def _wan_run(node: Node, job: int, restart: int) -> tuple[int, int, int, int]:
+    with sqlite3.connect(node.db) as conn:
+        return conn.execute("SELECT in_packets, in_bytes, out_packets, out_bytes FROM traffic WHERE job_id = ? "
+                            "AND restart = ? AND class = 'wan'", (job, restart)).fetchone()
+
+
+def _upload(node: Node, job: int, count: int) -> tuple[int, int, int, int]:
+    """count 500-byte datagrams to the WAN server; what the wire carried (in, then out)."""
+    node.traffic(job, "udp-up", WAN4, str(PORT), str(count), "500")
+    node.topo.wait_quiet()
+    wire = node.topo.server_counts("wan")
+    return (*wire["tx"], *wire["rx"])
+
+
+def test_a_requeued_run_stores_the_counters_its_predecessor_left(cg_node: Node) -> None:
+    """The run whose epilog never ran left its pinned counters: the requeued run's prolog
+    stores them (`reconciled`) before it makes its own."""
+    job = 3060
+    cg_node.prolog(job)
+    first = _upload(cg_node, job, 30)
+    cg_node.prolog(job, SLURM_JOB_RESTART_COUNT="1")
+    second = _upload(cg_node, job, 20)
+    cg_node.epilog(job, SLURM_JOB_RESTART_COUNT="1")
+    with sqlite3.connect(cg_node.db) as conn:
+        assert conn.execute("SELECT restart, state FROM jobs WHERE job_id = ? ORDER BY restart", (job,)).fetchall() \
+            == [(0, "reconciled"), (1, "completed")]
+    assert (_wan_run(cg_node, job, 0), _wan_run(cg_node, job, 1)) == (first, second) and first[2:] == (30, 30 * 528)
+    cg_node.started.discard(job)
+
+
+def test_a_node_reboot_mid_job_loses_only_the_traffic_since_the_last_sample(cg_node: Node) -> None:
+    """A reboot takes the pins (the bpf filesystem is memory) and the cgroups: the reaper
+    records the run `lost` with exactly its last sample."""
+    job = 3070
+    cg_node.prolog(job)
+    sampled = _upload(cg_node, job, 40)
+    env = dict(os.environ, NETACCT_CONFIG=str(cg_node.config_path), SLURMD_NODENAME="n1")
+    bin_ = Path(sys.executable).parent
+    assert subprocess.run([str(bin_ / "netacct-sample")], env=env, timeout=60).returncode == 0
+    _upload(cg_node, job, 10)  # after the last sample: lost
+    name = naming.netns_name(cg_node.cfg.netns_prefix, job)
+    for pin in (cg_node.pin(job), naming.bpf_prog_pin(cg_node.cfg.bpffs, name, "out"),
+                naming.bpf_prog_pin(cg_node.cfg.bpffs, name, "in")):
+        pin.unlink()
+    (CG_ROOT / name).rmdir()  # the reboot
+    r = subprocess.run([str(bin_ / "netacct-reconcile"), "--active", ""], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"job {job}: running row (run 0) -> reconciled (counters lost)\n"
+    [rec] = cg_node.report("-j", str(job))
+    assert rec["state"] == "lost" and _wan_run(cg_node, job, 0) == sampled
+    cg_node.started.discard(job)
+
+
+def test_a_daemon_restart_between_prolog_and_epilog_loses_nothing(topo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    node = Node(topo, tmp_path, "cgroup", daemon=True)
+    topo.reset_servers()
+    try:
+        job = 3080
+        node.prolog(job)
+        sent = _upload(node, job, 15)
+        node.stop_daemon()
+        node.start_daemon()
+        node.epilog(job)
+        assert _wan_run(node, job, 0) == sent and sent[2:] == (15, 15 * 528)
+        assert any(" netacct-daemon[" in line and "cgroup engine" in line for line in node.log.read_text().splitlines())
+    finally:
+        node.cleanup()
+    assert project_leftovers(topo) == []
+
+
 def test_remove_node_removes_the_engines_own_cgroup_once_no_job_is_left(cg_node: Node) -> None:
     """The uninstall path: nothing while a job has something here; then only the engine's own
     (empty) cgroup subtree, no NAT or forwarding (the cgroup engine changed none)."""

@@ -153,8 +153,9 @@ def _setup_cgroup(cfg: Config, info: store.JobInfo) -> JobNames:
                 and os.path.exists(naming.bpf_pin(cfg.bpffs, names.netns))):
             log.info("job %d: already set up (%s), nothing to do", jid, names.netns)
             return names
-        close_older_runs(cfg, db, info, names, read_namespace=False)
-        counter.remove(cfg, job)  # what a killed prolog left, if anything
+        # An earlier run whose epilog never ran here: its pinned counters are stored first.
+        close_older_runs(cfg, db, info, names, read_namespace=True)
+        counter.remove(cfg, job)  # what a killed prolog (or that run) left, if anything
         try:
             counter.install(cfg, job, None)  # type: ignore[arg-type]
             failpoint("rules")
@@ -187,14 +188,16 @@ def close_older_runs(cfg: Config, db: sqlite_utils.Database, info: store.JobInfo
     Their epilog never ran here: the node rebooted (or the epilog failed) and SLURM requeued
     the job. With read_namespace, a namespace that still exists is the newest such run's: its
     counters are stored (`reconciled`); every other such run is recorded `lost` with its last
-    sample. Returns the runs closed."""
+    sample. With the cgroup engine, its pinned counters play the namespace's part. Returns the
+    runs closed."""
     log = get_log()
     older = sorted((int(r["restart"]) for r in store.running_jobs(db, info.node, info.job_id)
                     if int(r["restart"]) < info.restart), reverse=True)
     for i, restart in enumerate(older):
         run = store.JobInfo(job_id=info.job_id, node=info.node, restart=restart)
-        if i == 0 and read_namespace and netns.is_netns(names.netns_path):
-            row = store.job_row(db, run) or {}
+        row = (store.job_row(db, run) or {}) if i == 0 and read_namespace else {}
+        if i == 0 and read_namespace and (netns.is_netns(names.netns_path) or (
+                row.get("backend") == counting.CGROUP and os.path.exists(naming.bpf_pin(cfg.bpffs, names.netns)))):
             job = _counted(cfg, names, row)
             try:
                 traffic = traffic_of(counting.named(row.get("backend")).read(cfg, job), job.classes)
