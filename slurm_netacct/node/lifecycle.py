@@ -310,7 +310,9 @@ def teardown(cfg: Config, info: store.JobInfo, defer: Defer | None = None,
     names = JobNames.of(cfg, info.job_id, info.host)
     rec = _Recorder(cfg, info)
     try:
-        if links.stop_link(names.netns_path, naming.JOB_IFNAME, names.host_if):
+        # The cgroup engine's jobs have no link, address or namespace (its counter stops itself).
+        networked = ((rec.row or {}).get("backend") or counting.choose(cfg).name) != counting.CGROUP
+        if networked and links.stop_link(names.netns_path, naming.JOB_IFNAME, names.host_if):
             log.info("job %d: link %s down", info.job_id, names.host_if)
         failpoint("down")
         state = _record_final(cfg, info, names, rec, done_state)
@@ -322,7 +324,8 @@ def teardown(cfg: Config, info: store.JobInfo, defer: Defer | None = None,
         if not _remove_namespace(cfg, info, names):
             return Teardown(state, rec.spooled, rec.db_error)
         _let_go(cfg, info, rec)
-        _finish_later(info, names, rec.db_path, defer)
+        if networked:
+            _finish_later(info, names, rec.db_path, defer)
         return Teardown(state, rec.spooled, rec.db_error)
     finally:
         rec.close()
