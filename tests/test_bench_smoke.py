@@ -61,6 +61,6 @@ def test_wire_bench_runs(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())
-    assert {r["backend"] for r in rows} == {"bpf", "nftables", "iptables"}
-    assert all(r["counted"] == r["wire"] for r in rows if r["backend"] == "bpf"), rows
+    assert {r["backend"] for r in rows} == {"bpf", "cgroup", "nftables", "iptables"}
+    assert all(r["counted"] == r["wire"] for r in rows if r["backend"] in ("bpf", "cgroup")), rows
     assert any(r.get("bpf_ns_per_run") for r in rows)
