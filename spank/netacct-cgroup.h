@@ -21,6 +21,7 @@
 #define NETACCT_UNIFIED_MOUNT   "/sys/fs/cgroup/unified"
 #define NETACCT_PIN_DIR         "slurm-netacct"  /* naming.BPF_PIN_DIR */
 #define NETACCT_CG_ROOT_NAME    "slurm-netacct"  /* naming.CGROUP_ROOT_NAME */
+#define NETACCT_PINS_MISSING    (-2)
 
 /* The two programs: 0 egress ("out", what the job sends), 1 ingress ("in"). */
 static inline const char *netacct_prog_suffix(int dir)
@@ -249,8 +250,10 @@ static inline int netacct_is_attached(int cgfd, int progfd,
  * Mode "slurm": attach the job's pinned programs to the job-level cgroup of
  * the calling slurmstepd (already in job_<id>/step_*), with BPF_F_ALLOW_MULTI
  * so that SLURM's own device program and any other stay.  Already attached
- * (another step's stepd did it) is success.  Returns 0, or -1 with a
- * reason in msg.
+ * (another step's stepd did it) is success.  Returns 0, -1 with a reason in
+ * msg, or NETACCT_PINS_MISSING (reason in msg) when the job's programs are not
+ * pinned (yet: with PrologFlags=RunInJob the extern step starts before the
+ * prolog).
  */
 static inline int netacct_attach_job_cgroup(const struct netacct_conf *c,
 				     uint32_t jobid, char *path, size_t pathlen,
@@ -283,6 +286,8 @@ static inline int netacct_attach_job_cgroup(const struct netacct_conf *c,
 			snprintf(msg, msglen, "job %u: cannot open %s: %s%s",
 				 jobid, pin, strerror(err), err == ENOENT ?
 				 " (did the netacct prolog run?)" : "");
+			if (err == ENOENT)
+				rc = NETACCT_PINS_MISSING;
 			goto done;
 		}
 		memset(&attr, 0, sizeof(attr));

@@ -58,6 +58,8 @@ static void netacct_err(const char *fmt, ...)
 #include "netacct-path.h"
 #include "netacct-cgroup.h"
 
+#define NETACCT_EXTERN_STEP     0xfffffffcU     /* SLURM_EXTERN_CONT */
+
 static struct netacct_conf conf;
 
 /*
@@ -93,14 +95,18 @@ static void netacct_err(const char *fmt, ...)
  *
  * engine=cgroup, cgroup=slurm: here slurmstepd is already in its step's
  * cgroup under the job's (proctrack_g_create ran before spank_init), and no
- * task exists yet: attach the job's programs to the job's cgroup.
+ * task exists yet: attach the job's programs to the job's cgroup.  The extern
+ * step may find them not pinned yet: with PrologFlags=RunInJob it starts
+ * before the prolog (which it runs itself); the batch and srun steps, which
+ * start after the prolog, attach them then.  Any other step requires them.
  */
 int slurm_spank_init(spank_t sp, int ac, char **av)
 {
 	char path[PATH_MAX] = "";
 	char msg[PATH_MAX + 256] = "";
-	uint32_t jobid = 0;
+	uint32_t jobid = 0, stepid = 0;
 	spank_err_t serr;
+	int rc;
 
 	if (spank_context() != S_CTX_REMOTE)
 		return 0;
@@ -122,8 +128,16 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
 			 spank_strerror(serr));
 		goto fail;
 	}
-	if (netacct_attach_job_cgroup(&conf, jobid, path, sizeof(path), msg,
-				      sizeof(msg)) < 0)
+	rc = netacct_attach_job_cgroup(&conf, jobid, path, sizeof(path), msg,
+				       sizeof(msg));
+	if (rc == NETACCT_PINS_MISSING &&
+	    spank_get_item(sp, S_JOB_STEPID, &stepid) == ESPANK_SUCCESS &&
+	    stepid == NETACCT_EXTERN_STEP) {
+		slurm_debug("netacct: %s; the extern step leaves it to the "
+			    "job's other steps", msg);
+		return 0;
+	}
+	if (rc < 0)
 		goto fail;
 	slurm_debug("netacct: job %u: counting programs on %s", jobid, path);
 	return 0;
@@ -228,20 +242,23 @@ bad:
 /*
  * netacct-cgattach [ARGS...] JOBID: as slurm_spank_init with engine=cgroup
  * cgroup=slurm, run in a process inside job_<JOBID>/step_*: attach the job's
- * pinned programs to the job's cgroup; print its path.  Exit 1 on failure.
+ * pinned programs to the job's cgroup; print its path.  Exit 1 on failure,
+ * 3 when the programs are not pinned.
  */
 int main(int argc, char **argv)
 {
 	char path[PATH_MAX], msg[PATH_MAX + 256];
 	uint32_t jobid;
+	int rc;
 
 	if (argc < 2 || netacct_parse_args(argc - 2, argv + 1, &conf) < 0 ||
 	    netacct_parse_jobid(argv[argc - 1], &jobid) < 0)
 		return 2;
-	if (netacct_attach_job_cgroup(&conf, jobid, path, sizeof(path), msg,
-				      sizeof(msg)) < 0) {
+	rc = netacct_attach_job_cgroup(&conf, jobid, path, sizeof(path), msg,
+				       sizeof(msg));
+	if (rc < 0) {
 		netacct_err("%s", msg);
-		return 1;
+		return rc == NETACCT_PINS_MISSING ? 3 : 1;
 	}
 	printf("%s\n", path);
 	return 0;

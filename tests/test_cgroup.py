@@ -400,6 +400,10 @@ def test_slurm_job_cgroup_on_slurms_own_layout(topo, tmp_path: Path, slurm_scope
         # A stepd of another job cannot put this job's programs on its own job's cgroup.
         r = in_cgroup(topo.node, slurm_scope / f"job_{other}" / "step_0" / "slurm", *attach, str(job), check=False)
         assert r.returncode == 1 and f"is job_{other}'s" in r.stderr
+        # A job whose programs are not pinned (yet: RunInJob's extern step starts before the
+        # prolog, and the plugin lets that one step go on): told apart from other failures.
+        r = in_cgroup(topo.node, slurm_scope / f"job_{other}" / "step_0" / "slurm", *attach, str(other), check=False)
+        assert r.returncode == 3 and "did the netacct prolog run?" in r.stderr, r.stderr
         assert [len(v) for v in cg.attached(job_dir).values()] == [1, 1]
         assert bpf.prog_query(fd, ATTACH_CGROUP_DEVICE)[1] == (bpf.prog_info(dev).id,)
         os.close(dev)
