@@ -141,10 +141,12 @@ def _setup_cgroup(cfg: Config, info: store.JobInfo) -> JobNames:
     """The cgroup engine's prolog: the job's counting programs and counters, pinned (and, in
     mode "own", its cgroup made and the programs attached); its start recorded. No namespace,
     link, address, route or NAT. Idempotent; rolls back what it made on failure."""
+    from ..counting import cgroup as cgroup_counting
+
     log = get_log()
     jid = info.job_id
     names = JobNames.of(cfg, jid, info.host)
-    counter = counting.named(counting.CGROUP)
+    counter = cgroup_counting.CgroupCounter()
     job = counting.Counted(names, tuple(cfg.class_names))
     db = open_db(cfg, info.node)
     try:
@@ -157,9 +159,9 @@ def _setup_cgroup(cfg: Config, info: store.JobInfo) -> JobNames:
         close_older_runs(cfg, db, info, names, read_namespace=True)
         counter.remove(cfg, job)  # what a killed prolog (or that run) left, if anything
         try:
-            counter.install(cfg, job, None)  # type: ignore[arg-type]
+            counter.install(cfg, job)
             failpoint("rules")
-            store.record_start(db, info, names.netns, None, None, counter.name, job.classes)  # type: ignore[arg-type]
+            store.record_start(db, info, names.netns, None, None, counter.name, job.classes)  # no address
         except BaseException as exc:
             log.error("job %d: setup failed (%s); rolling back", jid, exc)
             try:
@@ -169,8 +171,6 @@ def _setup_cgroup(cfg: Config, info: store.JobInfo) -> JobNames:
             raise
     finally:
         db.close()
-    from ..counting import cgroup as cgroup_counting
-
     log.info("job %d: set up %s (cgroup engine, mode %s)", jid, names.netns, cgroup_counting.mode(cfg))
     return names
 
@@ -339,7 +339,7 @@ def _record_final(cfg: Config, info: store.JobInfo, names: JobNames, rec: _Recor
     job = _counted(cfg, names, rec.row)
     try:
         counter.stop(cfg, job)
-    except SetupError as exc:  # it counts on, a little: read what there is all the same
+    except SetupError as exc:  # the programs stay attached: read what they counted all the same
         log.error("job %d: cannot stop counting before the final read: %s", jid, exc)
     has_netns = netns.is_netns(names.netns_path)
     if has_netns or (counter.outlives_namespace and (rec.row or {}).get("state") == State.RUNNING):
