@@ -87,6 +87,12 @@ class CgroupCounter(BpfCounter):
         bpf.raise_memlock()
         pin_dir(cfg)
         own = mode(cfg) == "own"
+        if not own and not cg.pure_v2():
+            from ..log import get as get_log
+
+            get_log().warning("job %d: cgroup.mode \"slurm\" on a node whose /sys/fs/cgroup is not cgroup2, "
+                              "where SLURM's cgroup/v2 cannot run: the SPANK plugin will find no job cgroup "
+                              "unless SLURM's steps run in cgroup v2 directories", job.names.job_id)
         where: Path | None = None
         if own:
             base = root(cfg)
