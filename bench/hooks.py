@@ -8,7 +8,9 @@ blocks either side (a VM's speed drifts by more than the effect in a minute); re
 running job's counters with N jobs loaded; and, with --cycles, runs that many prolog/epilog
 pairs through the daemon, recording its RSS, open descriptors and threads every cycles/10
 pairs.
-    .venv/bin/python bench/hooks.py [--jobs 1000] [--runs 50] [--rounds 8] [--cycles 10000]
+    .venv/bin/python bench/hooks.py [--jobs 1000] [--runs 50] [--rounds 8] [--cycles 10000] [--engine cgroup]
+With --engine cgroup the hooks are the cgroup engine's (its own cgroup per job, under a
+subtree of the run's own in the unified hierarchy).
 """
 
 from __future__ import annotations
@@ -45,15 +47,23 @@ def usage(pid: int) -> tuple[int, int, int]:
 
 
 class Bench:
-    def __init__(self, topo: Topology, work: Path, counting: str = "bpf") -> None:
+    def __init__(self, topo: Topology, work: Path, counting: str = "bpf", engine: str = "netns") -> None:
         self.topo = topo
         self.work = work
         self.cfg = work / "netacct.toml"
+        self.cg_root = Path("/sys/fs/cgroup/unified") / f"{topo.tag}cg"
+        cgroup = f'engine = "cgroup"\n[cgroup]\nmode = "own"\nroot = "{self.cg_root}"\n' if engine == "cgroup" else ""
         self.cfg.write_text(f'uplink = "{UPLINK}"\nnetns_prefix = "{topo.tag}j-"\ndb = "{work}/n.db"\n'
                             f'log_file = "{work}/netacct.log"\nbpffs = "{topo.bpffs}"\n'
-                            f'counting = "{counting}"\n')
+                            f'counting = "{counting}"\n{cgroup}')
         self.sock = work / "daemon.sock"
         self.daemon: subprocess.Popen[str] | None = None
+
+    def remove_cgroups(self) -> None:
+        """The cgroup engine's subtree of this run (its jobs' cgroups are gone by now: empty)."""
+        from slurm_netacct.kernel.cgroup import remove_tree
+
+        remove_tree(self.cg_root)
 
     def start_daemon(self) -> None:
         self.daemon = subprocess.Popen([str(ROOT / ".venv/bin/netacct-daemon"), "--config", str(self.cfg),
@@ -133,12 +143,14 @@ def main() -> int:
                          "the service's deferred link deletions then overlap the next hook)")
     ap.add_argument("--counting", choices=["bpf", "netfilter"], default="bpf",
                     help="the way of counting (config `counting`; netfilter: nftables)")
+    ap.add_argument("--engine", choices=["netns", "cgroup"], default="netns",
+                    help="the accounting engine (config `engine`; cgroup counts with bpf)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tag = f"hb{os.getpid() % 10000}-"
     work = Path(tempfile.mkdtemp(prefix="netacct-bench-hooks-"))
     topo = Topology(tag).up()
-    b = Bench(topo, work, args.counting)
+    b = Bench(topo, work, args.counting, args.engine)
     res: dict[str, float | list[float] | list[tuple[int, int]]] = {}
     try:
         res["fallback_prolog_ms"], res["fallback_epilog_ms"] = b.pairs(1, max(5, args.runs // 5))
@@ -204,8 +216,11 @@ def main() -> int:
             res["rss_kib"] = [(jobs, rss) for jobs, rss, _, _ in samples]
             res["fds"] = [(jobs, fds) for jobs, _, fds, _ in samples]
     finally:
-        b.stop_daemon()
-        topo.down()
+        try:
+            b.stop_daemon()
+        finally:
+            topo.down()
+            b.remove_cgroups()
         # Job namespaces a failed run left behind (their links went with the node): this run's only.
         for left in Path("/run/netns").glob(f"{tag}*"):
             subprocess.run(["ip", "netns", "del", left.name], check=False)

@@ -5,8 +5,9 @@ with --download):
   bare      the node itself, no job namespace (the baseline)
   job/0     one accounted job, no other job on the node
   job/N     the same job with N other jobs set up on the node
-  job/0 rps a second job set up with `rps_cpus` (with --rps-cpus MASK)
-for each backend, and reports the ratios. Run as root:
+  job/0 rps a second job set up with `rps_cpus` (with --rps-cpus MASK; not for cgroup)
+for each backend (the namespace engine's ways of counting, and `cgroup`: the cgroup engine,
+its own cgroup per job under a subtree of the run's own), and reports the ratios. Run as root:
     .venv/bin/python bench/throughput.py --jobs 1000 [--rps-cpus 1] [--download]
 """
 
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from topology import LAN4, UPLINK, Topology  # noqa: E402
 
 from slurm_netacct import config  # noqa: E402
+from slurm_netacct.kernel.cgroup import remove_tree  # noqa: E402
 from slurm_netacct.node import lifecycle  # noqa: E402
 from slurm_netacct.store import db as store  # noqa: E402
 from slurm_netacct.log import setup as setup_log  # noqa: E402
@@ -65,7 +67,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=1000, help="other jobs loaded on the node")
     ap.add_argument("--backends", default="bpf,nftables,iptables",
-                    help="ways of counting: bpf (the default), nftables, iptables (netfilter)")
+                    help="ways of counting: bpf (the default), nftables, iptables (netfilter), "
+                         "cgroup (the cgroup engine)")
     ap.add_argument("--seconds", type=int, default=3, help="length of one iperf3 run (whole seconds, >= 1)")
     ap.add_argument("--reps", type=int, default=5, help="runs per point (median reported)")
     ap.add_argument("--rps-cpus", default="",
@@ -80,6 +83,7 @@ def main() -> int:
         REVERSE.append("-R")
 
     tag = f"bt{os.getpid() % 10000}-"
+    cg_root = Path("/sys/fs/cgroup/unified") / f"{tag}cg"  # the cgroup engine's, this run's own
     work = Path(tempfile.mkdtemp(prefix="netacct-bench-"))
     topo = Topology(tag).up()
     server = subprocess.Popen(["nsenter", f"--net=/run/netns/{topo.lan}", "iperf3", "-s", "-p", str(IPERF_PORT)],
@@ -90,10 +94,12 @@ def main() -> int:
         for backend in args.backends.split(","):
             cfgp = work / f"{backend}.toml"
             how = ('counting = "bpf"\nfirewall = "nftables"\n' if backend == "bpf"
+                   else 'engine = "cgroup"\n' if backend == "cgroup"
                    else f'counting = "netfilter"\nfirewall = "{backend}"\n')
+            cgroup = f'[cgroup]\nmode = "own"\nroot = "{cg_root}"\n' if backend == "cgroup" else ""
             cfgp.write_text(f'uplink = "{UPLINK}"\nnetns_prefix = "{tag}{backend[:3]}-"\n'
                             f'db = "{work}/{backend}.db"\nlog_file = "{work}/{backend}.log"\n'
-                            f'bpffs = "{topo.bpffs}"\n{how}')
+                            f'bpffs = "{topo.bpffs}"\n{how}{cgroup}')
             cfg = config.load(cfgp)
             setup_log(cfg.log_file, "bench")
             # The node side of setup must happen inside the sandbox node: join it for good.
@@ -115,6 +121,7 @@ def main() -> int:
         # Job namespaces a failed run left behind (their links went with the node): this run's only.
         for left in Path("/run/netns").glob(f"{tag}*"):
             subprocess.run(["ip", "netns", "del", left.name], check=False)
+        remove_tree(cg_root)  # the cgroup engine's subtree (its jobs' cgroups are gone: empty)
         shutil.rmtree(work, ignore_errors=True)  # configs, logs and databases of this run
     n = args.jobs
     print()
@@ -124,7 +131,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|" + ("---|---|" if rps else "") + "---|")
     for b, r in results.items():
         j0 = (r["job0"] + r["job0_after"]) / 2
-        extra = f" {r['job0_rps'] / 1e9:.2f} | {r['job0_rps'] / r['bare']:.3f} |" if rps else ""
+        extra = (f" {r['job0_rps'] / 1e9:.2f} | {r['job0_rps'] / r['bare']:.3f} |" if "job0_rps" in r
+                 else " – | – |") if rps else ""
         print(f"| {b} | {r['bare'] / 1e9:.2f} | {j0 / 1e9:.2f} | {r['jobN'] / 1e9:.2f} | "
               f"{r['job0'] / r['bare']:.3f} | {r['jobN'] / j0:.3f} |{extra} {r['read_all_ms']:.1f} |")
     if args.json:
@@ -145,15 +153,16 @@ def run_backend(cfg: config.Config, cfg_path: Path, args: argparse.Namespace) ->
     prefixes = [[], job_prefix]  # this process is in the node: [] is the bare node
     rps_job, mask_file = 2, Path("/proc/sys/net/core/rps_default_mask")
     mask_before = mask_file.read_text().strip()
-    if args.rps_cpus:  # the same job again, its link made with rps_cpus (it only acts on new links)
+    label = "cgroup" if cfg.engine == "cgroup" else f"{cfg.counting}/{cfg.firewall}"
+    if args.rps_cpus and cfg.engine != "cgroup":  # the same job again, its link made with rps_cpus (new links only)
         lifecycle.setup_job(dataclasses.replace(cfg, rps_cpus=args.rps_cpus),
                             store.JobInfo(job_id=rps_job, node="bench"))
         prefixes.append(in_job(rps_job))
     bare, job0, *rps = alternating(prefixes, args.seconds, args.reps)
-    print(f"{cfg.counting}/{cfg.firewall}: bare {bare / 1e9:.2f} Gbit/s, job/0 {job0 / 1e9:.2f} Gbit/s"
+    print(f"{label}: bare {bare / 1e9:.2f} Gbit/s, job/0 {job0 / 1e9:.2f} Gbit/s"
           + (f", job/0 with rps_cpus={args.rps_cpus} {rps[0] / 1e9:.2f} Gbit/s" if rps else "")
           + " (alternating runs)", flush=True)
-    if args.rps_cpus:
+    if rps:
         lifecycle.teardown_job(cfg, store.JobInfo(job_id=rps_job, node="bench"))
         mask_file.write_text(mask_before)  # jobs made from here on: without rps, as job 1
     t0 = time.perf_counter()
@@ -162,7 +171,7 @@ def run_backend(cfg: config.Config, cfg_path: Path, args: argparse.Namespace) ->
         lifecycle.setup_job(cfg, store.JobInfo(job_id=j, node="bench"))
     t_setup = time.perf_counter() - t0
     jobn = measure(job_prefix, args.seconds, args.reps)
-    print(f"{cfg.counting}/{cfg.firewall}: job/{args.jobs} {jobn / 1e9:.2f} Gbit/s (loading took {t_setup:.1f} s)", flush=True)
+    print(f"{label}: job/{args.jobs} {jobn / 1e9:.2f} Gbit/s (loading took {t_setup:.1f} s)", flush=True)
     from slurm_netacct.node import sample
     reads, samples = [], []
     for _ in range(5):
@@ -175,14 +184,14 @@ def run_backend(cfg: config.Config, cfg_path: Path, args: argparse.Namespace) ->
         samples.append(time.perf_counter() - t0)
         assert stored.sampled == args.jobs + 1
     read_ms, sample_ms = statistics.median(reads) * 1e3, statistics.median(samples) * 1e3
-    print(f"{cfg.counting}/{cfg.firewall}: reading all {args.jobs + 1} jobs' counters {read_ms:.1f} ms, "
+    print(f"{label}: reading all {args.jobs + 1} jobs' counters {read_ms:.1f} ms, "
           f"sampling them into the database {sample_ms:.1f} ms (medians of 5)", flush=True)
     t0 = time.perf_counter()
     for j in others:
         lifecycle.teardown_job(cfg, store.JobInfo(job_id=j, node="bench"))
     t_down = time.perf_counter() - t0
     job0_after = measure(job_prefix, args.seconds, args.reps)
-    print(f"{cfg.counting}/{cfg.firewall}: job/0 again {job0_after / 1e9:.2f} Gbit/s", flush=True)
+    print(f"{label}: job/0 again {job0_after / 1e9:.2f} Gbit/s", flush=True)
     lifecycle.teardown_job(cfg, store.JobInfo(job_id=measured, node="bench"))
     return {"bare": bare, "job0": job0, "job0_after": job0_after, "jobN": jobn, "setup_s": t_setup,
             "teardown_s": t_down, "read_all_ms": read_ms, "sample_all_ms": sample_ms,

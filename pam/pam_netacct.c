@@ -18,8 +18,15 @@
  * /etc/pam.d/sshd, after pam_slurm_adopt's account line:
  *   session required pam_netacct.so netns_dir=/run/netns prefix=netacct-
  *
- * Arguments: those of the SPANK plugin (netns_dir=, prefix=, required=),
- * with the same meaning and defaults.  Outcomes of open_session:
+ * With the cgroup engine (engine=cgroup, as in plugstack.conf): cgroup=own
+ * moves the session into the job's own cgroup (<cgroup_root>/<prefix><jobid>)
+ * instead, so the shell and its children are counted there; cgroup=slurm
+ * needs nothing (pam_slurm_adopt put the session into job_<id>, which the
+ * programs count): PAM_IGNORE.
+ *
+ * Arguments: those of the SPANK plugin (netns_dir=, prefix=, required=,
+ * engine=, bpffs=, cgroup=, cgroup_root=), with the same meaning and
+ * defaults.  Outcomes of open_session:
  *   - root, or a session in no job (not adopted): PAM_IGNORE;
  *   - entered the job's namespace: PAM_SUCCESS;
  *   - a job, but its namespace cannot be entered: PAM_SESSION_ERR with
@@ -54,6 +61,7 @@ static void netacct_err(const char *fmt, ...)
 	__attribute__ ((format (printf, 1, 2)));
 
 #include "../spank/netacct-path.h"
+#include "../spank/netacct-cgroup.h"
 
 static void netacct_err(const char *fmt, ...)
 {
@@ -226,6 +234,16 @@ PAM_EXTERN int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc,
 		}
 	}
 
+	if (conf.engine == NETACCT_ENGINE_CGROUP) {
+		if (netacct_cgroup_mode(&conf) != NETACCT_CG_OWN)
+			return PAM_IGNORE;      /* already in SLURM's job cgroup */
+		if (netacct_enter_job_cgroup(&conf, jobid, path, sizeof(path),
+					     msg, sizeof(msg)) < 0)
+			goto fail;
+		pam_syslog(pamh, LOG_INFO, "netacct: user %s: session entered "
+			   "job %u's cgroup %s", user, jobid, path);
+		return PAM_SUCCESS;
+	}
 	if (netacct_enter_job_netns(&conf, jobid, path, sizeof(path), msg,
 				    sizeof(msg)) < 0)
 		goto fail;
@@ -237,8 +255,9 @@ fail:
 	pam_syslog(pamh, LOG_ERR, "netacct: user %s: %s", user, msg);
 	if (!conf.required) {
 		pam_syslog(pamh, LOG_ERR, "netacct: required=no: the session "
-			   "runs outside its job's network namespace (not "
-			   "accounted)");
+			   "runs outside its job's %s (not accounted)",
+			   conf.engine == NETACCT_ENGINE_CGROUP ? "cgroup" :
+			   "network namespace");
 		return PAM_IGNORE;
 	}
 	pam_error(pamh, "netacct: %s; the session is refused", msg);

@@ -24,6 +24,9 @@ DEFAULT_CLASSES: dict[str, list[str]] = {
 _CLASS_RE = re.compile(r"[a-z][a-z0-9_]{0,15}")
 FIREWALLS = ("auto", "nftables", "iptables")
 COUNTINGS = ("auto", "bpf", "netfilter")
+ENGINES = ("netns", "cgroup")
+CGROUP_MODES = ("auto", "slurm", "own")
+_CGROUP_KEYS = {"mode", "root"}
 MAX_CLASSES = 32  # counters a job has: classes (with the default one) in both directions
 MODES = ("nat", "routed")
 DNS_MODES = ("auto", "off")
@@ -32,7 +35,7 @@ _ROUTED_KEYS = {"prefixlen4", "prefixlen6", "nodes"}
 _TOP_KEYS = {
     "uplink", "netns_prefix", "ifname_prefix", "db", "default_class", "firewall", "mode",
     "log_file", "netns_dir", "pool", "classes", "routed", "dns", "report", "teardown_failure",
-    "spool_dir", "rps_cpus", "counting", "bpffs", "ledger",
+    "spool_dir", "rps_cpus", "counting", "bpffs", "ledger", "engine", "cgroup",
 }
 TEARDOWN_FAILURE = ("drain", "log")
 _RPS_RE = re.compile(r"[0-9a-f]{1,8}(,[0-9a-f]{8}){0,31}")  # the kernel's bitmap format
@@ -116,6 +119,14 @@ class Config:
     counting: str = "auto"
     bpffs: Path = Path("/sys/fs/bpf")  # where BPF counters are pinned (mounted if need be)
     mode: str = "nat"
+    # The accounting engine: "netns" (a network namespace and veth per job: the seed's method)
+    # or "cgroup" (BPF programs on the job's cgroup2 directory: no network changes at all).
+    engine: str = "netns"
+    # engine = "cgroup": which cgroup is counted: "slurm" (SLURM's own job_<id>, cgroup/v2),
+    # "own" (a cgroup per job under cgroup_root, which the SPANK plugin and the PAM module put
+    # the job's processes into: SLURM on cgroup v1), "auto" (slurm if /sys/fs/cgroup is cgroup2).
+    cgroup_mode: str = "auto"
+    cgroup_root: Path | None = None  # "own": the engine's subtree (default <unified>/slurm-netacct)
     log_file: Path | None = None
     dns: str = "auto"  # redirect DNS to the node's loopback stub resolver, if it has one
     # After the counters are stored, a failed removal: "drain" (epilog fails, SLURM drains the
@@ -231,7 +242,7 @@ def _network(value: Any, key: str) -> IPNetwork:
 
 
 _CHOICES = {"firewall": FIREWALLS, "mode": MODES, "teardown_failure": TEARDOWN_FAILURE, "dns": DNS_MODES,
-            "counting": COUNTINGS}
+            "counting": COUNTINGS, "engine": ENGINES}
 _CLASS_NAME_RULE = "class names are 1-16 of [a-z0-9_], starting with a letter"
 
 
@@ -243,7 +254,8 @@ def parse(data: dict[str, Any]) -> Config:
         if key not in _TOP_KEYS:
             raise _err(key, "unknown key")
     kw: dict[str, Any] = {**_names(data), **_choices(data), **_report(_table(data, "report", _REPORT_KEYS)),
-                          **_routed(_table(data, "routed", _ROUTED_KEYS))}
+                          **_routed(_table(data, "routed", _ROUTED_KEYS)),
+                          **_cgroup(_table(data, "cgroup", _CGROUP_KEYS))}
     kw["classes"] = classes = _classes(data.get("classes", DEFAULT_CLASSES))
     default_class = _str(data, "default_class", "default_class")
     if default_class is not None:
@@ -370,6 +382,22 @@ def _ledger(led: dict[str, Any]) -> LedgerConfig:
     return LedgerConfig(**kw)
 
 
+def _cgroup(table: dict[str, Any]) -> dict[str, Any]:
+    """[cgroup]: which cgroup the cgroup engine counts, and where its own ones live."""
+    kw: dict[str, Any] = {}
+    mode = _str(table, "mode", "cgroup.mode")
+    if mode is not None:
+        if mode not in CGROUP_MODES:
+            raise _err("cgroup.mode", f"{mode!r} is not one of {', '.join(CGROUP_MODES)}")
+        kw["cgroup_mode"] = mode
+    root = _str(table, "root", "cgroup.root")
+    if root is not None:
+        if not root.startswith("/") or "/../" in f"{root}/" or "/./" in f"{root}/":
+            raise _err("cgroup.root", f"{root!r} must be an absolute path without . or .. components")
+        kw["cgroup_root"] = Path(root)
+    return kw
+
+
 def _routed(routed: dict[str, Any]) -> dict[str, Any]:
     kw: dict[str, Any] = {}
     for key, lo, hi in (("prefixlen4", 8, 30), ("prefixlen6", 16, 120)):
@@ -425,6 +453,8 @@ def _check(cfg: Config) -> None:
         raise _err("pool.class", f"{cfg.pool_class!r} is neither a class nor the default class")
     if len(cfg.class_names) > MAX_CLASSES:
         raise _err("classes", f"{len(cfg.class_names)} classes (the default one included): at most {MAX_CLASSES}")
+    if cfg.engine == "cgroup" and cfg.counting == "netfilter":
+        raise _err("counting", "the cgroup engine counts with BPF only: \"netfilter\" needs engine = \"netns\"")
     if cfg.pool_ipv4.prefixlen > 30:
         raise _err("pool.ipv4", f"{cfg.pool_ipv4} is too small: it needs a gateway and at least one job")
     if cfg.mode == "routed":

@@ -26,6 +26,10 @@ IPT_CHAIN_PREFIX = "NETACCT"  # iptables chains: NETACCT_OUT, NETACCT_IN, NETACC
 TC_PRIO = TC_HANDLE = 0x4E41
 TC_FILTER_NAMES = {"out": "netacct_out", "in": "netacct_in"}
 BPF_PIN_DIR = "slurm-netacct"  # in the bpf filesystem (config `bpffs`): one pin a job, root only
+# The cgroup engine also pins the job's two programs there, beside its counters, as
+# <name>-out and <name>-in (the SPANK plugin attaches them to SLURM's job cgroup).
+BPF_PROG_SUFFIXES = {"out": "-out", "in": "-in"}  # bpffs refuses names with a dot
+CGROUP_ROOT_NAME = "slurm-netacct"  # the cgroup engine's own subtree in the unified hierarchy
 
 # Files of the running node (tmpfs: gone at boot, as the namespaces they describe are).
 RUN_DIR = Path("/run/slurm-netacct")
@@ -188,6 +192,27 @@ def bpf_object(job_id: int, what: str) -> str:
 def bpf_pin(bpffs: Path, netns: str) -> Path:
     """Where a job's counters are pinned: one file a job, named as its namespace."""
     return bpffs / BPF_PIN_DIR / netns
+
+
+def bpf_prog_pin(bpffs: Path, name: str, direction: str) -> Path:
+    """Where the cgroup engine pins one of a job's programs: beside its counters, with the
+    direction as suffix (spank/netacct-cgroup.h builds the same path)."""
+    return bpffs / BPF_PIN_DIR / f"{name}{BPF_PROG_SUFFIXES[direction]}"
+
+
+def job_id_from_pin(prefix: str, name: str) -> int | None:
+    """Inverse of bpf_pin and bpf_prog_pin: the job id of a pin's file name, or None."""
+    for suffix in BPF_PROG_SUFFIXES.values():
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return job_id_from_netns(prefix, name)
+
+
+def job_cgroup(root: Path, name: str) -> Path:
+    """The cgroup engine's own cgroup of a job (mode "own"): <cgroup root>/<name>, name as the
+    job's namespace would be called (spank/netacct-cgroup.h builds the same path)."""
+    return root / name
 
 
 def ipt_chain(suffix: str) -> str:

@@ -31,10 +31,20 @@
  * slurm_netacct.naming.MAX_JOB_ID is the same limit. */
 #define NETACCT_JOBID_MAX       0xfffffffdU
 
+#define NETACCT_ENGINE_NETNS    0
+#define NETACCT_ENGINE_CGROUP   1
+#define NETACCT_CG_AUTO         0       /* slurm on a pure cgroup v2 host, else own */
+#define NETACCT_CG_SLURM        1       /* count SLURM's job_<id> (cgroup/v2) */
+#define NETACCT_CG_OWN          2       /* count the engine's own cgroup of the job */
+
 struct netacct_conf {
 	char netns_dir[PATH_MAX];       /* without trailing '/'; "" is "/" */
 	char prefix[NETACCT_PREFIX_MAX + 1];
 	int required;
+	int engine;                     /* engine=netns|cgroup (config `engine`) */
+	char bpffs[PATH_MAX];           /* bpffs=PATH (config `bpffs`) */
+	int cgroup_mode;                /* cgroup=auto|slurm|own (config cgroup.mode) */
+	char cgroup_root[PATH_MAX];     /* cgroup_root=PATH (config cgroup.root); "": derived */
 };
 
 static int prefix_char_ok(char c)
@@ -100,19 +110,73 @@ static int set_required(struct netacct_conf *c, const char *val)
 	return 0;
 }
 
+/* An absolute directory argument into dst (trailing '/' dropped). */
+static int set_dir(const char *key, char *dst, size_t size, const char *val)
+{
+	size_t len = strlen(val);
+
+	if (len == 0 || val[0] != '/' || strstr(val, "/../") != NULL ||
+	    strstr(val, "/./") != NULL) {
+		netacct_err("%s=%s: must be an absolute path without . or .. "
+			    "components", key, val);
+		return -1;
+	}
+	while (len > 1 && val[len - 1] == '/')
+		len--;
+	if (len >= size) {
+		netacct_err("%s=%s: too long", key, val);
+		return -1;
+	}
+	memcpy(dst, val, len);
+	dst[len] = '\0';
+	return 0;
+}
+
+static int set_engine(struct netacct_conf *c, const char *val)
+{
+	if (strcmp(val, "netns") == 0)
+		c->engine = NETACCT_ENGINE_NETNS;
+	else if (strcmp(val, "cgroup") == 0)
+		c->engine = NETACCT_ENGINE_CGROUP;
+	else {
+		netacct_err("engine=%s: must be netns or cgroup", val);
+		return -1;
+	}
+	return 0;
+}
+
+static int set_cgroup_mode(struct netacct_conf *c, const char *val)
+{
+	if (strcmp(val, "auto") == 0)
+		c->cgroup_mode = NETACCT_CG_AUTO;
+	else if (strcmp(val, "slurm") == 0)
+		c->cgroup_mode = NETACCT_CG_SLURM;
+	else if (strcmp(val, "own") == 0)
+		c->cgroup_mode = NETACCT_CG_OWN;
+	else {
+		netacct_err("cgroup=%s: must be auto, slurm or own", val);
+		return -1;
+	}
+	return 0;
+}
+
 /*
  * Parse the plugstack.conf arguments into *c (defaults first).
  * Returns 0, or -1 after reporting the first bad argument.
  */
 static int netacct_parse_args(int ac, char **av, struct netacct_conf *c)
 {
-	int seen_dir = 0, seen_prefix = 0, seen_required = 0;
+	int seen_dir = 0, seen_prefix = 0, seen_required = 0, seen_engine = 0;
+	int seen_bpffs = 0, seen_cgroup = 0, seen_cgroup_root = 0;
 	int i;
 
 	memset(c, 0, sizeof(*c));
 	strcpy(c->netns_dir, NETACCT_DEFAULT_DIR);
 	strcpy(c->prefix, NETACCT_DEFAULT_PREFIX);
 	c->required = 1;
+	c->engine = NETACCT_ENGINE_NETNS;
+	strcpy(c->bpffs, "/sys/fs/bpf");
+	c->cgroup_mode = NETACCT_CG_AUTO;
 
 	for (i = 0; i < ac; i++) {
 		const char *arg = av[i];
@@ -139,9 +203,23 @@ static int netacct_parse_args(int ac, char **av, struct netacct_conf *c)
 		} else if (klen == 8 && strncmp(arg, "required", klen) == 0) {
 			seen = &seen_required;
 			rc = set_required(c, val);
+		} else if (klen == 6 && strncmp(arg, "engine", klen) == 0) {
+			seen = &seen_engine;
+			rc = set_engine(c, val);
+		} else if (klen == 5 && strncmp(arg, "bpffs", klen) == 0) {
+			seen = &seen_bpffs;
+			rc = set_dir("bpffs", c->bpffs, sizeof(c->bpffs), val);
+		} else if (klen == 6 && strncmp(arg, "cgroup", klen) == 0) {
+			seen = &seen_cgroup;
+			rc = set_cgroup_mode(c, val);
+		} else if (klen == 11 && strncmp(arg, "cgroup_root", klen) == 0) {
+			seen = &seen_cgroup_root;
+			rc = set_dir("cgroup_root", c->cgroup_root,
+				     sizeof(c->cgroup_root), val);
 		} else {
 			netacct_err("unknown argument '%s' (known: netns_dir=, "
-				    "prefix=, required=)", arg);
+				    "prefix=, required=, engine=, bpffs=, "
+				    "cgroup=, cgroup_root=)", arg);
 			return -1;
 		}
 		if (rc < 0)

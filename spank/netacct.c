@@ -1,6 +1,7 @@
 /*
  * netacct.c - SPANK plugin: run every task of a SLURM job inside the job's
- * network namespace, so that its traffic is accounted per job.
+ * network namespace, so that its traffic is accounted per job; or, with the
+ * cgroup engine (engine=cgroup), make the job's cgroup the one that counts.
  *
  * A root prolog (slurm_netacct) creates, for each job, a network namespace
  * bind-mounted at <netns_dir>/<prefix><SLURM_JOB_ID>.  This plugin makes the
@@ -17,10 +18,23 @@
  *   prefix=STR      file name prefix, [A-Za-z0-9._-]{1,245} (default netacct-)
  *   required=yes|no yes (default): a task whose namespace is missing fails.
  *                   no: the error is logged and the task runs un-namespaced.
+ *   engine=netns|cgroup  config `engine` (default netns)
+ *   bpffs=PATH      config `bpffs` (default /sys/fs/bpf)
+ *   cgroup=auto|slurm|own  config cgroup.mode (default auto)
+ *   cgroup_root=PATH config cgroup.root (default <cgroup v2 mount>/slurm-netacct)
+ *
+ * engine=cgroup: the prolog has pinned the job's two counting programs
+ * (<bpffs>/slurm-netacct/<prefix><jobid>-out and -in).  cgroup=slurm (SLURM's
+ * cgroup/v2): slurm_spank_init, in every slurmstepd of the job (the extern
+ * step's first, with PrologFlags=Contain), attaches them to the job's cgroup,
+ * .../job_<id>, before any task or adopted ssh session exists.  cgroup=own
+ * (SLURM on cgroup v1): every task, the batch script included, moves itself
+ * into the job's own cgroup, <cgroup_root>/<prefix><jobid>, before it execs.
  *
  * Built with -DNETACCT_NSPATH_MAIN the same file becomes netacct-nspath, a
  * small program that prints the path the plugin would use; it needs no SLURM
- * header or library.
+ * header or library.  With -DNETACCT_CGATTACH_MAIN it becomes netacct-cgattach,
+ * which does what slurm_spank_init does with cgroup=slurm (for tests).
  */
 #define _GNU_SOURCE
 
@@ -32,11 +46,9 @@
 #include <string.h>
 #include <unistd.h>
 
-#ifndef NETACCT_NSPATH_MAIN
+#if !defined(NETACCT_NSPATH_MAIN) && !defined(NETACCT_CGATTACH_MAIN)
+#define NETACCT_PLUGIN
 #include <slurm/spank.h>        /* needs <stdint.h> first */
-#endif
-
-#ifndef NETACCT_NSPATH_MAIN
 SPANK_PLUGIN(netacct, 1)
 #endif
 
@@ -44,6 +56,9 @@ static void netacct_err(const char *fmt, ...)
 	__attribute__ ((format (printf, 1, 2)));
 
 #include "netacct-path.h"
+#include "netacct-cgroup.h"
+
+#define NETACCT_EXTERN_STEP     0xfffffffcU     /* SLURM_EXTERN_CONT */
 
 static struct netacct_conf conf;
 
@@ -59,14 +74,14 @@ static void netacct_err(const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
-#ifdef NETACCT_NSPATH_MAIN
+#ifndef NETACCT_PLUGIN
 	fprintf(stderr, "netacct: %s\n", msg);
 #else
 	slurm_error("netacct: %s", msg);
 #endif
 }
 
-#ifndef NETACCT_NSPATH_MAIN
+#ifdef NETACCT_PLUGIN
 
 /*
  * slurm_spank_init runs in every process that reads plugstack.conf: srun
@@ -77,10 +92,21 @@ static void netacct_err(const char *fmt, ...)
  *
  * Never setns() here: this is slurmstepd itself, and moving the daemon
  * would cut it off from slurmd and srun.
+ *
+ * engine=cgroup, cgroup=slurm: here slurmstepd is already in its step's
+ * cgroup under the job's (proctrack_g_create ran before spank_init), and no
+ * task exists yet: attach the job's programs to the job's cgroup.  The extern
+ * step may find them not pinned yet: with PrologFlags=RunInJob it starts
+ * before the prolog (which it runs itself); the batch and srun steps, which
+ * start after the prolog, attach them then.  Any other step requires them.
  */
 int slurm_spank_init(spank_t sp, int ac, char **av)
 {
-	(void) sp;
+	char path[PATH_MAX] = "";
+	char msg[PATH_MAX + 256] = "";
+	uint32_t jobid = 0, stepid = 0;
+	spank_err_t serr;
+	int rc;
 
 	if (spank_context() != S_CTX_REMOTE)
 		return 0;
@@ -88,9 +114,41 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
 	if (netacct_parse_args(ac, av, &conf) < 0)
 		return -1;
 
-	slurm_debug("netacct: namespaces at %s/%s<jobid>, required=%s",
-		    conf.netns_dir, conf.prefix, conf.required ? "yes" : "no");
+	if (conf.engine == NETACCT_ENGINE_NETNS) {
+		slurm_debug("netacct: namespaces at %s/%s<jobid>, required=%s",
+			    conf.netns_dir, conf.prefix,
+			    conf.required ? "yes" : "no");
+		return 0;
+	}
+	if (netacct_cgroup_mode(&conf) != NETACCT_CG_SLURM)
+		return 0;       /* own: each task moves itself (task_init_privileged) */
+	serr = spank_get_item(sp, S_JOB_ID, &jobid);
+	if (serr != ESPANK_SUCCESS) {
+		snprintf(msg, sizeof(msg), "cannot get job id: %s",
+			 spank_strerror(serr));
+		goto fail;
+	}
+	rc = netacct_attach_job_cgroup(&conf, jobid, path, sizeof(path), msg,
+				       sizeof(msg));
+	if (rc == NETACCT_PINS_MISSING &&
+	    spank_get_item(sp, S_JOB_STEPID, &stepid) == ESPANK_SUCCESS &&
+	    stepid == NETACCT_EXTERN_STEP) {
+		slurm_debug("netacct: %s; the extern step leaves it to the "
+			    "job's other steps", msg);
+		return 0;
+	}
+	if (rc < 0)
+		goto fail;
+	slurm_debug("netacct: job %u: counting programs on %s", jobid, path);
 	return 0;
+fail:
+	slurm_error("netacct: %s", msg);
+	if (!conf.required) {
+		slurm_error("netacct: required=no: the job runs without its "
+			    "counting programs (not accounted)");
+		return 0;
+	}
+	return -1;
 }
 
 /*
@@ -122,8 +180,13 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 	}
 	/* %h is the short host name, as the prolog sees it (not
 	 * $SLURMD_NODENAME: srun passes its own environment on). */
-	if (netacct_enter_job_netns(&conf, jobid, path, sizeof(path), msg,
-				    sizeof(msg)) < 0)
+	if (conf.engine == NETACCT_ENGINE_CGROUP) {
+		if (netacct_cgroup_mode(&conf) == NETACCT_CG_OWN &&
+		    netacct_enter_job_cgroup(&conf, jobid, path, sizeof(path),
+					     msg, sizeof(msg)) < 0)
+			goto done;
+	} else if (netacct_enter_job_netns(&conf, jobid, path, sizeof(path),
+					   msg, sizeof(msg)) < 0)
 		goto done;
 	slurm_debug("netacct: job %u: task entered %s", jobid, path);
 	rc = 0;
@@ -135,7 +198,9 @@ done:
 	slurm_error("netacct: %s", msg);
 	if (!conf.required) {
 		slurm_error("netacct: required=no: the task runs outside its "
-			    "job's network namespace (not accounted)");
+			    "job's %s (not accounted)",
+			    conf.engine == NETACCT_ENGINE_CGROUP ? "cgroup" :
+			    "network namespace");
 		return 0;
 	}
 	/*
@@ -148,7 +213,7 @@ done:
 	return -1;
 }
 
-#else /* NETACCT_NSPATH_MAIN */
+#else /* netacct-nspath, netacct-cgattach */
 
 /* Decimal, no sign, no leading zero, 1..NETACCT_JOBID_MAX. */
 static int netacct_parse_jobid(const char *s, uint32_t *out)
@@ -173,9 +238,37 @@ bad:
 	return -1;
 }
 
+#ifdef NETACCT_CGATTACH_MAIN
 /*
- * netacct-nspath [netns_dir=PATH] [prefix=STR] [required=yes|no] JOBID
- * prints the namespace path the plugin would enter; exit 2 on bad input.
+ * netacct-cgattach [ARGS...] JOBID: as slurm_spank_init with engine=cgroup
+ * cgroup=slurm, run in a process inside job_<JOBID>/step_*: attach the job's
+ * pinned programs to the job's cgroup; print its path.  Exit 1 on failure,
+ * 3 when the programs are not pinned.
+ */
+int main(int argc, char **argv)
+{
+	char path[PATH_MAX], msg[PATH_MAX + 256];
+	uint32_t jobid;
+	int rc;
+
+	if (argc < 2 || netacct_parse_args(argc - 2, argv + 1, &conf) < 0 ||
+	    netacct_parse_jobid(argv[argc - 1], &jobid) < 0)
+		return 2;
+	rc = netacct_attach_job_cgroup(&conf, jobid, path, sizeof(path), msg,
+				       sizeof(msg));
+	if (rc < 0) {
+		netacct_err("%s", msg);
+		return rc == NETACCT_PINS_MISSING ? 3 : 1;
+	}
+	printf("%s\n", path);
+	return 0;
+}
+#else
+/*
+ * netacct-nspath [netns_dir=PATH] [prefix=STR] [required=yes|no] [engine=...]
+ * [bpffs=PATH] [cgroup=...] [cgroup_root=PATH] JOBID prints the namespace path
+ * the plugin would enter; with engine=cgroup instead the job's own cgroup and
+ * its two program pins, one a line.  Exit 2 on bad input.
  */
 int main(int argc, char **argv)
 {
@@ -184,7 +277,9 @@ int main(int argc, char **argv)
 
 	if (argc < 2) {
 		fprintf(stderr, "usage: netacct-nspath [netns_dir=PATH] "
-			"[prefix=STR] [required=yes|no] JOBID\n");
+			"[prefix=STR] [required=yes|no] [engine=netns|cgroup] "
+			"[bpffs=PATH] [cgroup=auto|slurm|own] "
+			"[cgroup_root=PATH] JOBID\n");
 		return 2;
 	}
 	if (strchr(argv[argc - 1], '=') != NULL) {
@@ -195,6 +290,18 @@ int main(int argc, char **argv)
 		return 2;
 	if (netacct_parse_jobid(argv[argc - 1], &jobid) < 0)
 		return 2;
+	if (conf.engine == NETACCT_ENGINE_CGROUP) {
+		char out[PATH_MAX], in[PATH_MAX];
+
+		if (netacct_own_cgroup(&conf, jobid, path, sizeof(path)) < 0 ||
+		    netacct_prog_pin(&conf, jobid, 0, out, sizeof(out)) < 0 ||
+		    netacct_prog_pin(&conf, jobid, 1, in, sizeof(in)) < 0)
+			return 2;
+		if (printf("%s\n%s\n%s\n", path, out, in) < 0 ||
+		    fflush(stdout) != 0)
+			return 1;
+		return 0;
+	}
 	/* %h in the prefix: the short host name, as in a task. */
 	{
 		char host[256];
@@ -208,5 +315,6 @@ int main(int argc, char **argv)
 		return 1;
 	return 0;
 }
+#endif /* NETACCT_CGATTACH_MAIN */
 
-#endif /* NETACCT_NSPATH_MAIN */
+#endif /* NETACCT_PLUGIN */

@@ -1,7 +1,8 @@
 """Two tasks of one job on different nodes exchange an exact payload (rank 0 receives).
 
-    srun -N2 -n2 python3 pairs.py RENDEZVOUS_FILE NBYTES
-Rank 0 writes its job address to the rendezvous file (a shared directory) and listens;
+    srun -N2 -n2 python3 pairs.py RENDEZVOUS_FILE NBYTES [DEVICE]
+Rank 0 writes its job address (that of DEVICE, default eth0: the job's end of its link; the
+node's uplink with the cgroup engine) to the rendezvous file (a shared directory) and listens;
 rank 1 connects to it and sends NBYTES. Standard library only.
 """
 
@@ -16,9 +17,10 @@ import time
 
 def main() -> None:
     path, n = sys.argv[1], int(sys.argv[2])
+    dev = sys.argv[3] if len(sys.argv) > 3 else "eth0"
     rank = int(os.environ["SLURM_PROCID"])
     if rank == 0:
-        out = subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", "eth0"], capture_output=True, text=True).stdout
+        out = subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", dev], capture_output=True, text=True).stdout
         addr = out.split()[3].split("/")[0]
         srv = socket.socket()
         srv.bind((addr, 0))

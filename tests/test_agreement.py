@@ -42,6 +42,25 @@ def test_each_disagreement_is_one_line_naming_the_file_and_key(tmp_path: Path) -
         "its jobs' namespaces will not be found"]
 
 
+def test_the_cgroup_engines_arguments_are_checked_too(tmp_path: Path) -> None:
+    cfg = config.parse({"engine": "cgroup", "netns_prefix": "acct-", "bpffs": "/run/bpf",
+                        "cgroup": {"mode": "own", "root": "/sys/fs/cgroup/unified/na"}})
+    good = "engine=cgroup prefix=acct- bpffs=/run/bpf/ cgroup=own cgroup_root=/sys/fs/cgroup/unified/na"
+    plugstack, pam = _files(tmp_path, good, good)
+    assert agreement.disagreements(cfg, plugstack, pam) == []
+    (tmp_path / "x").mkdir()
+    plugstack, pam = _files(tmp_path / "x", "prefix=acct- bpffs=/sys/fs/bpf cgroup=own cgroup_root=/sys/fs/cgroup/unified/na",
+                            good.replace("cgroup=own", "cgroup=slurm"))
+    where = f"{tmp_path}/x/plugstack.conf.d/netacct.conf"
+    assert agreement.disagreements(cfg, plugstack, pam) == [
+        f"{where}: the SPANK plugin's engine=netns differs from the config's cgroup (engine): its jobs' "
+        "counting programs or cgroups will not be found",
+        f"{where}: the SPANK plugin's bpffs=/sys/fs/bpf differs from the config's /run/bpf (bpffs): its jobs' "
+        "counting programs or cgroups will not be found",
+        f"{tmp_path}/x/sshd: the PAM module's cgroup=slurm differs from the config's own (cgroup.mode): its "
+        "jobs' counting programs or cgroups will not be found"]
+
+
 def test_plugstack_is_found_as_slurmd_finds_it(tmp_path: Path) -> None:
     conf = tmp_path / "slurm.conf"
     conf.write_text("ClusterName=x\n")

@@ -27,11 +27,26 @@ def test_throughput_bench_runs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_hooks_bench_runs(tmp_path: Path) -> None:
+def test_throughput_bench_runs_the_cgroup_engine(tmp_path: Path) -> None:
+    need_root()
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--backends", "bpf,cgroup",
+                        "--jobs", "3", "--seconds", "1", "--reps", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == {"bpf", "cgroup"}
+    assert all(res["job0"] > 0 and res["jobN"] > 0 for res in data["results"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["netns", "cgroup"])
+def test_hooks_bench_runs(tmp_path: Path, engine: str) -> None:
     need_root()
     out = tmp_path / "h.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "hooks.py"), "--jobs", "3", "--runs", "2",
-                        "--rounds", "2", "--json", str(out)], capture_output=True, text=True, timeout=300)
+                        "--rounds", "2", "--engine", engine, "--json", str(out)], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     assert len(data["prolog_ratios"]) == len(data["epilog_ratios"]) == 2
@@ -46,8 +61,8 @@ def test_wire_bench_runs(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())
-    assert {r["backend"] for r in rows} == {"bpf", "nftables", "iptables"}
-    assert all(r["counted"] == r["wire"] for r in rows if r["backend"] == "bpf"), rows
+    assert {r["backend"] for r in rows} == {"bpf", "cgroup", "nftables", "iptables"}
+    assert all(r["counted"] == r["wire"] for r in rows if r["backend"] in ("bpf", "cgroup")), rows
     assert any(r.get("bpf_ns_per_run") for r in rows)
 
 

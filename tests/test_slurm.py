@@ -16,45 +16,20 @@ import stat
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, VENV_BIN, need_root
-from slurmharness import NodeSpec, SlurmCluster, ensure_user, make_workdir
-from topology import CTL4, LAN4, PORT, WAN4, Topology, in_ns
+from e2e import USER, Cluster, running_cluster
+from slurmharness import ensure_user, make_workdir
+from topology import LAN4, PORT, WAN4, Topology, in_ns
 from wire import Capture
 
 pytestmark = pytest.mark.e2e
 
-USER = "netacct-test"
 BASE = f"nse{os.getpid() % 100000}-"
 JOB_PREFIX = f"{BASE}%h-"  # several slurmd share this host's /run/netns: the host name keeps them apart
-
-# Counts every IP packet crossing any job link of a node, from the node's side.
-@dataclass
-class Cluster:
-    topo: Topology
-    slurm: SlurmCluster
-    work: Path
-    config: Path
-
-    def report(self, *args: str) -> list[dict]:
-        dbs = [a for p in sorted(self.work.glob("n*.db")) for a in ("--db", str(p))]
-        r = subprocess.run([str(VENV_BIN / "netacct-report"), "--json", "--per-node", *dbs, *args],
-                           capture_output=True, text=True, env=dict(os.environ, NETACCT_CONFIG=str(self.config)))
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
-
-    def submit(self, script: str, *args: str) -> tuple[int, str]:
-        """Submit as the unprivileged user, wait for the end; (job id, its output)."""
-        job = self.slurm.sbatch(script, "-o", "out-%j.txt", *args, user=USER)
-        state = self.slurm.wait_job(job, timeout=120)
-        out = self.slurm.job_dir(USER) / f"out-{job}.txt"
-        text = out.read_text() if out.exists() else ""
-        return job, f"{state}\n{text}"
-
 
 
 def _routes(topo: Topology, config: Path, action: str) -> None:
@@ -77,42 +52,17 @@ def cluster() -> Iterator[Cluster]:
     shutil.copy(ROOT / "tests" / "traffic.py", work / "traffic.py")
     shutil.copy(ROOT / "tests" / "pairs.py", work / "pairs.py")
     shutil.copy(ROOT / "tests" / "tamper.py", work / "tamper.py")
-    (work / "resolv.conf").write_text("nameserver 127.0.0.53\noptions timeout:2 attempts:2\n")
     config = work / "netacct.toml"
     config.write_text(f'uplink = "up0"\nnetns_prefix = "{JOB_PREFIX}"\nmode = "routed"\n'
                       f'db = "{work}/%n.db"\nlog_file = "{work}/netacct-%n.log"\nspool_dir = "{work}/spool-%n"\n'
                       f'bpffs = "{topo.bpffs}"\n[pool]\nipv4 = "100.64.0.0/16"\n')
     topo.up()
-    slurm = None
-    stub = None
-    daemon = None
     try:
-        # One netacct-daemon serves the prologs and epilogs of all three nodes (each request
-        # carries its node's network namespace).
-        daemon = subprocess.Popen([str(VENV_BIN / "netacct-daemon"), "--config", str(config),
-                                   "--socket", str(work / "daemon.sock")], stdout=subprocess.PIPE, text=True)
-        assert daemon.stdout is not None and daemon.stdout.readline().startswith("netacct-daemon: listening")
-        stub = subprocess.Popen(["nsenter", f"--net=/run/netns/{topo.node_ns(2)}", "python3",
-                                 str(ROOT / "tests" / "dnsstub.py"), "127.0.0.53", f"lanserver.netacct.test={LAN4}"],
-                                stdout=subprocess.PIPE)
-        assert stub.stdout is not None and stub.stdout.readline().strip() == b"ready"
         _routes(topo, config, "install")
-        nodes = [NodeSpec(f"n{i + 1}", topo.node_ns(i), topo.node_addr(i), cpus=16) for i in range(len(topo.nodes))]
-        nodes[2].mount_setup = f"mount --bind {work}/resolv.conf /etc/resolv.conf"
-        slurm = SlurmCluster(work, topo.ctl, CTL4, nodes, prolog=str(ROOT / "prolog"), epilog=str(ROOT / "epilog"),
-                             plugstack_lines=[f"required {ROOT}/spank/netacct.so netns_dir=/run/netns prefix={JOB_PREFIX}"],
-                             extra_env={"NETACCT_CONFIG": str(config), "NETACCT_SOCKET": str(work / "daemon.sock")})
-        slurm.start()
-        yield Cluster(topo, slurm, work, config)
+        with running_cluster(topo, work, config,
+                             f"required {ROOT}/spank/netacct.so netns_dir=/run/netns prefix={JOB_PREFIX}") as c:
+            yield c
     finally:
-        if slurm is not None:
-            slurm.stop()
-        if stub is not None:
-            stub.terminate()
-            stub.wait(timeout=10)
-        if daemon is not None:
-            daemon.terminate()  # it finishes its deferred work (link deletions) first
-            assert daemon.wait(timeout=30) == 0
         try:
             leftovers = [n for n in os.listdir("/run/netns") if n.startswith(BASE)]
             for i in range(len(topo.nodes)):

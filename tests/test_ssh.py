@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, VENV_BIN, need_root
+from slurm_netacct.kernel import cgroup
 from slurmharness import NodeSpec, SlurmCluster, ensure_user, make_workdir
 from topology import CTL4, PORT, WAN4, Topology, in_ns
 
@@ -195,14 +196,19 @@ def test_an_ssh_session_into_a_job_is_counted_as_the_job(lab: Lab) -> None:
     # Port forwarding: sshd's own connection to the target is made in the job's namespace too.
     r = lab.ssh("-W", f"{WAN4}:{PORT}", input="UP\n" + "f" * 300_000)
     assert r.returncode == 0 and r.stdout.strip() == "300000", (r.stdout, r.stderr)
+    assert _wan_counted_exactly(lab, job)["rx"][1] > 1_000_000
+
+
+def _wan_counted_exactly(lab: Lab, job: int) -> dict[str, tuple[int, int]]:
+    """End the job; its WAN counts must be exactly what the WAN server saw, both directions
+    (nothing else in the job talked to it). What the server saw."""
     lab.topo.wait_quiet()
     wan = lab.topo.server_counts("wan")
     _finish(lab, job)
     rec = lab.report(job)
-    # Exactly what the WAN server saw, both directions; nothing else in the job talked to it.
     assert (rec["traffic"]["wan"]["out_packets"], rec["traffic"]["wan"]["out_bytes"]) == wan["rx"]
     assert (rec["traffic"]["wan"]["in_packets"], rec["traffic"]["wan"]["in_bytes"]) == wan["tx"]
-    assert wan["rx"][1] > 1_000_000
+    return wan
 
 
 def test_without_pam_netacct_the_same_session_escapes(lab: Lab) -> None:
@@ -277,3 +283,31 @@ def test_the_module_finds_the_job_in_the_cgroup_path(tmp_path: Path, lines: list
         assert (r.returncode, r.stdout, r.stderr) == (0, f"{expect}\n", "")
     else:
         assert r.returncode == 1 and r.stdout == "" and expect in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_with_the_cgroup_engine_an_ssh_session_lands_in_the_jobs_cgroup(lab: Lab) -> None:
+    """engine = "cgroup" (mode own; SLURM on cgroup v1 here): pam_netacct moves the adopted
+    session into the job's own cgroup instead of a namespace; what it sends is counted exactly.
+    The lab's config and plugstack.conf are switched for this one job (slurmstepd reads
+    plugstack.conf at every step; the prolog reads the config at every job) and restored."""
+    root = Path("/sys/fs/cgroup/unified") / f"{TAG}cg"
+    args = f"engine=cgroup cgroup=own cgroup_root={root} bpffs={lab.topo.bpffs} prefix={JOB_PREFIX}"
+    config, plugstack = lab.config.read_text(), lab.slurm.plugstack_path.read_text()
+    lab.config.write_text(f'engine = "cgroup"\n{config}[cgroup]\nmode = "own"\nroot = "{root}"\n')
+    lab.slurm.plugstack_path.write_text(f"required {ROOT}/spank/netacct.so {args}\n")
+    lab.pam(f"session  required {PAM_NETACCT} {args}")
+    try:
+        job = _running_job(lab)
+        mine = f"/{root.name}/{JOB_PREFIX.replace('%h', NODE)}{job}"
+        lab.topo.reset_servers()
+        r = lab.ssh(f"grep -c /job_{job}/step_extern /proc/self/cgroup; grep '^0::' /proc/self/cgroup | cut -c4-; "
+                    f"python3 {lab.work}/traffic.py tcp-up {WAN4} {PORT} 700000")
+        assert r.returncode == 0, r.stderr + (lab.slurm.log_dir / "sshd.log").read_text()[-3000:]
+        adopted, where, sent = r.stdout.split()
+        assert int(adopted) >= 1 and where == mine and sent == "700000", r.stdout
+        assert _wan_counted_exactly(lab, job)["rx"][1] > 700_000
+        assert not (root / mine.rsplit("/", 1)[1]).exists()
+    finally:
+        lab.config.write_text(config)
+        lab.slurm.plugstack_path.write_text(plugstack)
+        cgroup.remove_tree(root)

@@ -141,12 +141,36 @@ def test_pool_class_defaults_to_lan_and_must_exist(tmp_path: Path) -> None:
     ({"rps_cpus": "none"}, "rps_cpus"),
     ({"rps_cpus": "all"}, "rps_cpus"),
     ({"rps_cpus": 3}, "rps_cpus"),
+    ({"engine": "ebpf"}, "engine"),
+    ({"engine": "cgroup", "counting": "netfilter"}, "counting"),
+    ({"cgroup": {"mode": "v1"}}, "cgroup.mode"),
+    ({"cgroup": {"root": "sys/fs/cgroup/x"}}, "cgroup.root"),
+    ({"cgroup": {"root": "/sys/fs/cgroup/unified/../x"}}, "cgroup.root"),
+    ({"cgroup": {"rooot": "/x"}}, "cgroup.rooot"),
 ])
 def test_config_errors_name_the_key(data: dict, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         config.parse(data)
     msg = str(info.value)
     assert f"config key '{key}'" in msg and "\n" not in msg
+
+
+def test_engine_defaults_to_netns_and_cgroup_has_its_table() -> None:
+    cfg = config.parse({})
+    assert (cfg.engine, cfg.cgroup_mode, cfg.cgroup_root) == ("netns", "auto", None)
+    cfg = config.parse({"engine": "cgroup", "cgroup": {"mode": "own", "root": "/sys/fs/cgroup/unified/na"}})
+    assert (cfg.engine, cfg.cgroup_mode, str(cfg.cgroup_root)) == ("cgroup", "own", "/sys/fs/cgroup/unified/na")
+
+
+def test_cgroup_engine_names_come_from_the_job_name() -> None:
+    bpffs, root = Path("/sys/fs/bpf"), Path("/sys/fs/cgroup/unified/slurm-netacct")
+    assert naming.bpf_prog_pin(bpffs, "netacct-77", "out") == bpffs / "slurm-netacct" / "netacct-77-out"
+    assert naming.bpf_prog_pin(bpffs, "netacct-77", "in") == bpffs / "slurm-netacct" / "netacct-77-in"
+    assert naming.job_cgroup(root, "netacct-77") == root / "netacct-77"
+    for name in ("netacct-77", "netacct-77-out", "netacct-77-in"):
+        assert naming.job_id_from_pin("netacct-", name) == 77
+    for name in ("netacct-77.out", "netacct-077-in", "other-77-out", "netacct-77-up"):
+        assert naming.job_id_from_pin("netacct-", name) is None
 
 
 def test_rps_cpus_is_a_cpu_mask_or_nothing() -> None:

@@ -1,4 +1,5 @@
-"""netacct-exec: run a command in a job's network namespace, as root or as a user."""
+"""netacct-exec: run a command in a job's network namespace (or, with the cgroup engine, its
+cgroup), as root or as a user."""
 
 from __future__ import annotations
 
@@ -47,18 +48,10 @@ def _body(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise JobIdError(f"--job: {exc}") from None
     cfg = config_mod.load()
-    try:
-        path = cfg.netns_dir / naming.netns_name(cfg.netns_prefix, job_id, args.host)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if not netns.is_netns(path):
-        raise NoNamespaceError(f"job {job_id} has no network namespace on this node ({path})")
-    if args.user is not None:  # resolve before joining: NSS may need the node's network
-        try:
-            pwd.getpwnam(args.user)
-        except KeyError:
-            raise UsageError(f"no such user {args.user!r}") from None
-    netns.setns(path)
+    if cfg.engine == "cgroup":
+        _enter_cgroup(cfg, job_id, args.host, args.user)
+    else:
+        _enter_netns(cfg, job_id, args.host, args.user)
     if args.user is not None:
         drop_privileges(args.user)
     try:
@@ -72,7 +65,46 @@ def _body(args: argparse.Namespace) -> int:
     return 0  # not reached: execvp does not return
 
 
-COMMAND = Command("netacct-exec", "Run a command inside a job's accounted network namespace.",
+def _check_user(user: str | None) -> None:
+    if user is not None:  # resolve before joining: NSS may need the node's network
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            raise UsageError(f"no such user {user!r}") from None
+
+
+def _enter_cgroup(cfg: config_mod.Config, job_id: int, host: str | None, user: str | None) -> None:
+    """The cgroup engine: move this process into the job's own cgroup (mode "own"). SLURM's
+    job cgroup (mode "slurm") is SLURM's to fill: use srun --jobid=ID --overlap there."""
+    from ..counting import cgroup as cgc
+    from ..kernel import cgroup as cg
+
+    if cgc.mode(cfg) != "own":
+        raise UsageError("engine \"cgroup\" in mode \"slurm\": the job's cgroup is SLURM's; "
+                         f"run the command with srun --jobid={job_id} --overlap")
+    try:
+        name = naming.netns_name(cfg.netns_prefix, job_id, host)
+        where = naming.job_cgroup(cgc.root(cfg), name)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not where.is_dir():
+        raise NoNamespaceError(f"job {job_id} has no accounted cgroup on this node ({where})")
+    _check_user(user)
+    cg.move(where)
+
+
+def _enter_netns(cfg: config_mod.Config, job_id: int, host: str | None, user: str | None) -> None:
+    try:
+        path = cfg.netns_dir / naming.netns_name(cfg.netns_prefix, job_id, host)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not netns.is_netns(path):
+        raise NoNamespaceError(f"job {job_id} has no network namespace on this node ({path})")
+    _check_user(user)
+    netns.setns(path)
+
+
+COMMAND = Command("netacct-exec", "Run a command inside a job's accounted network namespace (its cgroup with engine = \"cgroup\").",
                   _arguments, _body, {EXEC_FAILED: "the command could not be executed",
                                       NOT_FOUND: "the command was not found"})
 main = COMMAND.main

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 FIREWALLS = ("nftables", "iptables")
 BPF = "bpf"
+CGROUP = "cgroup"  # the cgroup engine's (counting/cgroup.py)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class Counter(Protocol):
         """Count the job's traffic from now on (its namespace and link exist; the calling
         thread is in the node's network namespace)."""
 
+    def stop(self, cfg: Config, job: Counted) -> None:
+        """Stop counting, before the final read (the epilog); nothing where the job's link,
+        set down first, already stops everything."""
+
     def read(self, cfg: Config, job: Counted) -> Counters:
         """The job's counters now; SetupError if they cannot be read."""
 
@@ -60,6 +65,9 @@ class ReadsInBulk:
 
     def read_many(self, cfg: Config, jobs: Sequence[Counted]) -> dict[str, Counters | str]:
         raise NotImplementedError
+
+    def stop(self, cfg: Config, job: Counted) -> None:
+        """Nothing: the job's link is set down before its counters are read."""
 
     def read(self, cfg: Config, job: Counted) -> Counters:
         got = self.read_many(cfg, [job])[job.netns]
@@ -86,6 +94,10 @@ def named(name: str | None) -> Counter:
         from .bpf import BpfCounter
 
         return BpfCounter()
+    if name == CGROUP:
+        from .cgroup import CgroupCounter
+
+        return CgroupCounter()
     if name == "iptables":
         from .ipt import Iptables
 
@@ -116,7 +128,10 @@ def bpf_unsupported() -> str | None:
 
 def choose(cfg: Config) -> Counter:
     """The way of counting new jobs use: `counting` = bpf, netfilter (the firewall backend's),
-    or auto (bpf if the kernel can, else netfilter, with a warning in the log)."""
+    or auto (bpf if the kernel can, else netfilter, with a warning in the log); with the cgroup
+    engine, always its BPF programs on the job's cgroup."""
+    if cfg.engine == CGROUP:
+        return named(CGROUP)
     if cfg.counting == "netfilter":
         return named(firewall(cfg))
     if cfg.counting == BPF:

@@ -7,7 +7,7 @@ one line: the command, what it was for, and the kernel's errno; a rejected progr
 ProgLoadError, which also carries the verifier's log.
 
 Kernel minimums of what is used here (mainline; RHEL backports most of it to 4.18):
-map names and program names 4.15, OBJ_GET/PIN 4.4, GET_FD_BY_ID and OBJ_GET_INFO_BY_FD 4.13,
+map names and program names 4.15, PROG_QUERY 4.15, cgroup_skb with BPF_F_ALLOW_MULTI 4.15, OBJ_GET/PIN 4.4, GET_FD_BY_ID and OBJ_GET_INFO_BY_FD 4.13,
 LPM_TRIE 4.11, BPF_F_RDONLY on OBJ_GET 4.15, MAP_LOOKUP_BATCH 5.6 (optional), BPF_ENABLE_STATS
 5.8 (measurement only), run_time_ns/run_cnt in prog info 5.1.
 """
@@ -32,6 +32,7 @@ BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 
 BPF_MAP_GET_NEXT_KEY, BPF_PROG_LOAD, BPF_OBJ_PIN, BPF_OBJ_GET = 4, 5, 6, 7
 BPF_PROG_ATTACH, BPF_PROG_DETACH, BPF_PROG_TEST_RUN = 8, 9, 10
 BPF_PROG_GET_FD_BY_ID, BPF_MAP_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD = 13, 14, 15
+BPF_PROG_QUERY = 16
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_ENABLE_STATS = 32
 
@@ -54,6 +55,7 @@ _CMD_NAMES = {
     BPF_PROG_TEST_RUN: "PROG_TEST_RUN", BPF_PROG_GET_FD_BY_ID: "PROG_GET_FD_BY_ID",
     BPF_MAP_GET_FD_BY_ID: "MAP_GET_FD_BY_ID", BPF_OBJ_GET_INFO_BY_FD: "OBJ_GET_INFO_BY_FD",
     BPF_MAP_LOOKUP_BATCH: "MAP_LOOKUP_BATCH", BPF_ENABLE_STATS: "ENABLE_STATS",
+    BPF_PROG_QUERY: "PROG_QUERY",
 }
 
 
@@ -293,6 +295,18 @@ def prog_attach(target_fd: int, prog_fd: int, attach_type: int, flags: int = 0) 
 
 def prog_detach(target_fd: int, prog_fd: int, attach_type: int) -> None:
     sys_bpf(BPF_PROG_DETACH, _attr("=III", target_fd, prog_fd, attach_type), f"detach type {attach_type}")
+
+
+def prog_query(target_fd: int, attach_type: int, max_progs: int = 64) -> tuple[int, tuple[int, ...]]:
+    """BPF_PROG_QUERY (4.15): (attach flags, ids of the programs attached to target_fd as
+    attach_type, in the order they run). Only programs attached to target itself, not those it
+    inherits."""
+    ids = (ctypes.c_uint32 * max_progs)()
+    attr = _attr("=IIIIQI", target_fd, attach_type, 0, 0, ctypes.addressof(ids), max_progs)
+    sys_bpf(BPF_PROG_QUERY, attr, f"query type {attach_type}")
+    flags, = struct.unpack_from("=I", attr, 12)
+    count, = struct.unpack_from("=I", attr, 24)
+    return flags, tuple(ids[: min(count, max_progs)])
 
 
 def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ctx: bytes | None = None) -> tuple[int, int]:

@@ -1,9 +1,11 @@
-"""Do the SPANK plugin and the PAM module look for job namespaces where the prolog makes them?
+"""Do the SPANK plugin and the PAM module look for job namespaces (or, with the cgroup engine,
+programs and cgroups) where the prolog makes them?
 
-The same `netns_dir` and prefix are configured three times: in netacct.toml (the prolog's),
-in plugstack.conf (the plugin's `netns_dir=` and `prefix=`) and in sshd's PAM stack (the
-module's). If they differ, every task fails to find its namespace. This reads the other two
-and says where they disagree; the service and netacct-reconcile log it at start.
+The same `netns_dir` and prefix (and `engine`, `bpffs`, `[cgroup]`) are configured three times:
+in netacct.toml (the prolog's), in plugstack.conf (the plugin's `netns_dir=`, `prefix=`,
+`engine=`, `bpffs=`, `cgroup=`, `cgroup_root=`) and in sshd's PAM stack (the module's). If they
+differ, every task fails to find what its job's prolog made. This reads the other two and says
+where they disagree; the service and netacct-reconcile log it at start.
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ import shlex
 from pathlib import Path
 
 from ..config import Config
+from ..errors import SetupError
 
 DEFAULT_PLUGSTACK = Path("/etc/slurm/plugstack.conf")
 DEFAULT_PAM = Path("/etc/pam.d/sshd")
 PLUGIN, PAM_MODULE = "netacct.so", "pam_netacct.so"
-C_DEFAULTS = {"netns_dir": "/run/netns", "prefix": "netacct-"}  # spank/netacct-path.h's
+C_DEFAULTS = {"netns_dir": "/run/netns", "prefix": "netacct-", "engine": "netns",  # spank/netacct-path.h's
+              "bpffs": "/sys/fs/bpf", "cgroup": "auto"}
+CONFIG_KEYS = {"netns_dir": "netns_dir", "prefix": "netns_prefix", "engine": "engine", "bpffs": "bpffs",
+               "cgroup": "cgroup.mode", "cgroup_root": "cgroup.root"}
+DIRS = ("netns_dir", "bpffs", "cgroup_root")
 
 
 def plugstack_path(env: dict[str, str] | None = None) -> Path:
@@ -78,19 +85,46 @@ def pam_lines(pam: Path) -> list[tuple[Path, dict[str, str]]]:
     return out
 
 
+def _wanted(cfg: Config) -> dict[str, str]:
+    """The arguments the plugin and the module must have for this configuration (C spelling)."""
+    if cfg.engine != "cgroup":
+        return {"engine": cfg.engine, "netns_dir": str(cfg.netns_dir), "prefix": cfg.netns_prefix}
+    want = {"engine": cfg.engine, "prefix": cfg.netns_prefix, "bpffs": str(cfg.bpffs), "cgroup": cfg.cgroup_mode}
+    from ..counting import cgroup as cgroup_counting
+
+    try:
+        want["cgroup_root"] = str(cgroup_counting.root(cfg))
+    except SetupError:  # no cgroup v2 here: the prolog says so
+        pass
+    return want
+
+
+def _c_default(key: str) -> str | None:
+    """What the C side uses for an argument not given (cgroup_root: derived as the config's is)."""
+    if key == "cgroup_root":
+        from ..counting import cgroup as cgroup_counting
+        from ..config import parse
+
+        try:
+            return str(cgroup_counting.root(parse({"engine": "cgroup"})))
+        except SetupError:
+            return None
+    return C_DEFAULTS[key]
+
+
 def disagreements(cfg: Config, plugstack: Path | None = None, pam: Path | None = None) -> list[str]:
-    """One line for each place whose netns_dir or prefix differs from the configuration's."""
-    want = {"netns_dir": str(cfg.netns_dir).rstrip("/") or "/", "prefix": cfg.netns_prefix}
+    """One line for each place whose arguments differ from the configuration's."""
+    want = {k: (v.rstrip("/") or "/") if k in DIRS else v for k, v in _wanted(cfg).items()}
+    lost = "namespaces" if cfg.engine != "cgroup" else "counting programs or cgroups"
     out = []
     for what, lines in (("SPANK plugin", plugin_lines(plugstack or plugstack_path())),
                         ("PAM module", pam_lines(pam or DEFAULT_PAM))):
         for path, args in lines:
             for key, value in want.items():
-                theirs = args.get(key, C_DEFAULTS[key])
-                if key == "netns_dir":
+                theirs = args.get(key, _c_default(key))
+                if theirs is not None and key in DIRS:
                     theirs = theirs.rstrip("/") or "/"
                 if theirs != value:
                     out.append(f"{path}: the {what}'s {key}={theirs} differs from the config's {value} "
-                               f"({'netns_dir' if key == 'netns_dir' else 'netns_prefix'}): its jobs' "
-                               "namespaces will not be found")
+                               f"({CONFIG_KEYS[key]}): its jobs' {lost} will not be found")
     return out

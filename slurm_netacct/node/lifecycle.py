@@ -59,8 +59,11 @@ def setup_job(cfg: Config, info: store.JobInfo, resolv_conf: Path | None = None)
     """Build the job's namespace, link, addresses, routes and counters; record its start.
 
     Idempotent: a job that is already fully set up is left untouched. On any failure all
-    that this call made is removed again before the error propagates.
+    that this call made is removed again before the error propagates. The engine (config
+    `engine`) is chosen here, and only here: "cgroup" builds no network at all (_setup_cgroup).
     """
+    if cfg.engine == counting.CGROUP:
+        return _setup_cgroup(cfg, info)
     log = get_log()
     names = JobNames.of(cfg, info.job_id, info.host)
     jid = info.job_id
@@ -134,6 +137,44 @@ def _build(cfg: Config, db: sqlite_utils.Database, info: store.JobInfo, job: cou
              cfg.mode, f", DNS to {plan.dns_stub}" if plan.dns_stub else "")
 
 
+def _setup_cgroup(cfg: Config, info: store.JobInfo) -> JobNames:
+    """The cgroup engine's prolog: the job's counting programs and counters, pinned (and, in
+    mode "own", its cgroup made and the programs attached); its start recorded. No namespace,
+    link, address, route or NAT. Idempotent; rolls back what it made on failure."""
+    from ..counting import cgroup as cgroup_counting
+
+    log = get_log()
+    jid = info.job_id
+    names = JobNames.of(cfg, jid, info.host)
+    counter = cgroup_counting.CgroupCounter()
+    job = counting.Counted(names, tuple(cfg.class_names))
+    db = open_db(cfg, info.node)
+    try:
+        row = store.job_row(db, info)
+        if (row is not None and row["state"] == State.RUNNING and row["backend"] == counter.name
+                and os.path.exists(naming.bpf_pin(cfg.bpffs, names.netns))):
+            log.info("job %d: already set up (%s), nothing to do", jid, names.netns)
+            return names
+        # An earlier run whose epilog never ran here: its pinned counters are stored first.
+        close_older_runs(cfg, db, info, names, read_namespace=True)
+        counter.remove(cfg, job)  # what a killed prolog (or that run) left, if anything
+        try:
+            counter.install(cfg, job)
+            failpoint("rules")
+            store.record_start(db, info, names.netns, None, None, counter.name, job.classes)  # no address
+        except BaseException as exc:
+            log.error("job %d: setup failed (%s); rolling back", jid, exc)
+            try:
+                counter.remove(cfg, job)
+            except Exception as undo_exc:
+                log.error("job %d: rollback of counters failed: %s", jid, undo_exc)
+            raise
+    finally:
+        db.close()
+    log.info("job %d: set up %s (cgroup engine, mode %s)", jid, names.netns, cgroup_counting.mode(cfg))
+    return names
+
+
 def ensure_node(cfg: Config, plan: NodePlan) -> None:
     """Node-wide settings every job needs: forwarding on, NAT (and DNS redirect) rules."""
     nat.enable_forwarding(plan.pool6 is not None)
@@ -147,14 +188,16 @@ def close_older_runs(cfg: Config, db: sqlite_utils.Database, info: store.JobInfo
     Their epilog never ran here: the node rebooted (or the epilog failed) and SLURM requeued
     the job. With read_namespace, a namespace that still exists is the newest such run's: its
     counters are stored (`reconciled`); every other such run is recorded `lost` with its last
-    sample. Returns the runs closed."""
+    sample. With the cgroup engine, its pinned counters play the namespace's part. Returns the
+    runs closed."""
     log = get_log()
     older = sorted((int(r["restart"]) for r in store.running_jobs(db, info.node, info.job_id)
                     if int(r["restart"]) < info.restart), reverse=True)
     for i, restart in enumerate(older):
         run = store.JobInfo(job_id=info.job_id, node=info.node, restart=restart)
-        if i == 0 and read_namespace and netns.is_netns(names.netns_path):
-            row = store.job_row(db, run) or {}
+        row = (store.job_row(db, run) or {}) if i == 0 and read_namespace else {}
+        if i == 0 and read_namespace and (netns.is_netns(names.netns_path) or (
+                row.get("backend") == counting.CGROUP and os.path.exists(naming.bpf_pin(cfg.bpffs, names.netns)))):
             job = _counted(cfg, names, row)
             try:
                 traffic = traffic_of(counting.named(row.get("backend")).read(cfg, job), job.classes)
@@ -267,7 +310,9 @@ def teardown(cfg: Config, info: store.JobInfo, defer: Defer | None = None,
     names = JobNames.of(cfg, info.job_id, info.host)
     rec = _Recorder(cfg, info)
     try:
-        if links.stop_link(names.netns_path, naming.JOB_IFNAME, names.host_if):
+        # The cgroup engine's jobs have no link, address or namespace (its counter stops itself).
+        networked = ((rec.row or {}).get("backend") or counting.choose(cfg).name) != counting.CGROUP
+        if networked and links.stop_link(names.netns_path, naming.JOB_IFNAME, names.host_if):
             log.info("job %d: link %s down", info.job_id, names.host_if)
         failpoint("down")
         state = _record_final(cfg, info, names, rec, done_state)
@@ -279,7 +324,8 @@ def teardown(cfg: Config, info: store.JobInfo, defer: Defer | None = None,
         if not _remove_namespace(cfg, info, names):
             return Teardown(state, rec.spooled, rec.db_error)
         _let_go(cfg, info, rec)
-        _finish_later(info, names, rec.db_path, defer)
+        if networked:
+            _finish_later(info, names, rec.db_path, defer)
         return Teardown(state, rec.spooled, rec.db_error)
     finally:
         rec.close()
@@ -291,6 +337,10 @@ def _record_final(cfg: Config, info: store.JobInfo, names: JobNames, rec: _Recor
     jid = info.job_id
     counter = counting.named((rec.row or {}).get("backend") or counting.choose(cfg).name)
     job = _counted(cfg, names, rec.row)
+    try:
+        counter.stop(cfg, job)
+    except SetupError as exc:  # the programs stay attached: read what they counted all the same
+        log.error("job %d: cannot stop counting before the final read: %s", jid, exc)
     has_netns = netns.is_netns(names.netns_path)
     if has_netns or (counter.outlives_namespace and (rec.row or {}).get("state") == State.RUNNING):
         try:
@@ -306,7 +356,8 @@ def _record_final(cfg: Config, info: store.JobInfo, names: JobNames, rec: _Recor
             traffic = traffic_of(counters, job.classes)
             rec.save(done_state, traffic)
             log.info("job %d: counters %s (%s)%s: %s", jid, "spooled" if rec.spooled else "stored",
-                     done_state, "" if has_netns else f", its namespace {names.netns} gone", summary(traffic))
+                     done_state, "" if has_netns or counter.name == counting.CGROUP else f", its namespace {names.netns} gone",
+                     summary(traffic))
             return done_state
     if rec.row is not None and rec.row["state"] == State.RUNNING:
         rec.save(State.LOST, None)

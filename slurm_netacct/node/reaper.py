@@ -68,7 +68,8 @@ def slurm_active_jobs(node: str, squeue: str | None = None, timeout: float = 30)
 
 
 def leftovers(cfg: Config, node: str) -> dict[int, list[str]]:
-    """Every job with something of the project on this node: namespaces, links, DB rows, leases."""
+    """Every job with something of the project on this node: namespaces, links, pins, cgroups,
+    DB rows, leases."""
     found: dict[int, list[str]] = {}
     prefix = naming.expand_prefix(cfg.netns_prefix)
     try:
@@ -88,10 +89,23 @@ def leftovers(cfg: Config, node: str) -> dict[int, list[str]]:
         pinned = os.listdir(pins)
     except OSError:  # no BPF counting here (yet)
         pinned = []
-    for name in pinned:
-        job = naming.job_id_from_netns(prefix, name)
+    for name in sorted(pinned):  # counters (both engines), programs (the cgroup engine)
+        job = naming.job_id_from_pin(prefix, name)
         if job is not None:
-            found.setdefault(job, []).append(f"counters {pins / name}")
+            what = "counters" if naming.job_id_from_netns(prefix, name) is not None else "program"
+            found.setdefault(job, []).append(f"{what} {pins / name}")
+    if cfg.engine == "cgroup":  # the cgroup engine's own cgroups (mode "own")
+        from ..counting import cgroup as cgroup_counting
+
+        try:
+            base = cgroup_counting.root(cfg)
+            own = os.listdir(base)
+        except (SetupError, OSError):
+            own = []
+        for name in own:
+            job = naming.job_id_from_netns(prefix, name)
+            if job is not None and (base / name).is_dir():
+                found.setdefault(job, []).append(f"cgroup {base / name}")
     path = cfg.db_for(node)
     if path.exists():
         db = store.connect(path)
@@ -175,13 +189,23 @@ def _job_info(cfg: Config, node: str, job: int) -> store.JobInfo:
 
 def remove_node(cfg: Config, node: str) -> list[str]:
     """Undo what the prologs set up on this node once no job of the project is left on it:
-    the node's NAT rules (both firewall backends) and forwarding where a prolog turned it
-    on. SetupError, touching nothing, while any job still has something here. What was undone."""
+    the node's NAT rules (both firewall backends), forwarding where a prolog turned it
+    on, and the cgroup engine's own cgroup. SetupError, touching nothing, while any job still has something here. What was undone."""
     left = leftovers(cfg, node)
     if left:
         first = min(left)
         raise SetupError(f"{len(left)} jobs still have objects on {node} (job {first}: "
                          f"{'; '.join(left[first])}): nothing removed")
     done = nat.remove_node(cfg)
+    if cfg.engine == "cgroup":  # the cgroup engine's own subtree (mode "own"), empty by now
+        from ..counting import cgroup as cgroup_counting
+        from ..kernel import cgroup
+
+        try:
+            base = cgroup_counting.root(cfg)
+            if cgroup.remove(base):
+                done.append(f"cgroup {base}")
+        except (SetupError, OSError) as exc:
+            get_log().error("node %s: the cgroup engine's cgroup cannot be removed: %s", node, exc)
     get_log().warning("node %s: removed %s", node, ", ".join(done) if done else "nothing (nothing was set up)")
     return done

@@ -209,7 +209,7 @@ def job_row(db: sqlite_utils.Database, info: JobInfo) -> dict[str, Any] | None:
     return dict(zip([c[0] for c in cur.description], row))
 
 
-def record_start(db: sqlite_utils.Database, info: JobInfo, netns: str, ipv4: str,
+def record_start(db: sqlite_utils.Database, info: JobInfo, netns: str, ipv4: str | None,
                  ipv6: str | None, backend: str, classes: tuple[str, ...] = ()) -> None:
     """Insert the job's row (state running); keep the start time of an existing row."""
     with immediate(db):
