@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, VENV_BIN, need_root
+from conftest import ROOT, VENV_BIN, cluster_routes, need_root
 from slurmharness import NodeSpec, SlurmCluster, ensure_user, make_workdir
 from topology import CTL4, LAN4, PORT, WAN4, Topology, in_ns
 from wire import Capture
@@ -57,16 +57,6 @@ class Cluster:
 
 
 
-def _routes(topo: Topology, config: Path, action: str) -> None:
-    nodes = [f"--node=n{i + 1}={topo.node_addr(i)}" for i in range(len(topo.nodes))]
-    hosts = [(topo.node_ns(i), f"n{i + 1}") for i in range(len(topo.nodes))] + [(topo.ctl, None), (topo.router, None)]
-    for ns, self_name in hosts:
-        argv = ["nsenter", f"--net=/run/netns/{ns}", str(VENV_BIN / "netacct-routes"), action]
-        if action == "install":
-            argv += nodes + ([f"--self={self_name}"] if self_name else [])
-        subprocess.run(argv, check=True, capture_output=True, text=True, env=dict(os.environ, NETACCT_CONFIG=str(config)))
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     need_root()
@@ -96,7 +86,7 @@ def cluster() -> Iterator[Cluster]:
                                  str(ROOT / "tests" / "dnsstub.py"), "127.0.0.53", f"lanserver.netacct.test={LAN4}"],
                                 stdout=subprocess.PIPE)
         assert stub.stdout is not None and stub.stdout.readline().strip() == b"ready"
-        _routes(topo, config, "install")
+        cluster_routes(topo, config, "install")
         nodes = [NodeSpec(f"n{i + 1}", topo.node_ns(i), topo.node_addr(i), cpus=16) for i in range(len(topo.nodes))]
         nodes[2].mount_setup = f"mount --bind {work}/resolv.conf /etc/resolv.conf"
         slurm = SlurmCluster(work, topo.ctl, CTL4, nodes, prolog=str(ROOT / "prolog"), epilog=str(ROOT / "epilog"),
@@ -118,7 +108,7 @@ def cluster() -> Iterator[Cluster]:
             for i in range(len(topo.nodes)):
                 links = in_ns(topo.node_ns(i), "ip", "-o", "link").stdout
                 leftovers += re.findall(r"^\d+: (na\d+)[@:]", links, re.M)
-            _routes(topo, config, "remove")
+            cluster_routes(topo, config, "remove")
             for ns, *_ in topo.hosts:
                 if "proto 222" in in_ns(ns, "ip", "route").stdout:
                     leftovers.append(f"route in {ns}")
