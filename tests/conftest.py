@@ -293,3 +293,15 @@ def cg_node(topo: Topology, tmp_path: Path) -> Iterator[Node]:
 def nft_node(topo: Topology, tmp_path: Path) -> Iterator[Node]:
     """A node that counts with nftables, without the service."""
     yield from _plain_node(topo, tmp_path, "nftables")
+
+
+def cluster_routes(topo: Topology, config: Path, action: str) -> None:
+    """`netacct-routes install|remove` on every host of a routed sandbox cluster, as a site
+    runs it: each node with --self, the controller and the router without."""
+    nodes = [f"--node=n{i + 1}={topo.node_addr(i)}" for i in range(len(topo.nodes))]
+    hosts = [(topo.node_ns(i), f"n{i + 1}") for i in range(len(topo.nodes))] + [(topo.ctl, None), (topo.router, None)]
+    for ns, self_name in hosts:
+        argv = ["nsenter", f"--net=/run/netns/{ns}", str(VENV_BIN / "netacct-routes"), action]
+        if action == "install":
+            argv += nodes + ([f"--self={self_name}"] if self_name else [])
+        subprocess.run(argv, check=True, capture_output=True, text=True, env=dict(os.environ, NETACCT_CONFIG=str(config)))

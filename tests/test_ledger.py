@@ -149,18 +149,24 @@ def journal_rows(*paths: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, .
     return _rows_of(jobs, traffic)
 
 
-@pytest.fixture
-def env(server: MariaDB, net: LedgerNet, tmp_path: Path) -> Iterator[Env]:
+def _new_env(server: MariaDB, net: LedgerNet, work: Path) -> Env:
+    """A ledger database of its own with its shipping and report accounts, their password
+    files (root only) in `work`."""
     name = f"ledger{next(_names)}"
     server.create_accounts(name, SHIP_PW, REPORT_PW)
     for f, pw in (("ship.pw", SHIP_PW), ("report.pw", REPORT_PW)):
-        (tmp_path / f).write_text(pw + "\n")
-        os.chmod(tmp_path / f, 0o600)
-    e = Env(server, net, name, tmp_path)
+        (work / f).write_text(pw + "\n")
+        os.chmod(work / f, 0o600)
+    return Env(server, net, name, work)
+
+
+@pytest.fixture
+def env(server: MariaDB, net: LedgerNet, tmp_path: Path) -> Iterator[Env]:
+    e = _new_env(server, net, tmp_path)
     yield e
     if server.proc is None:  # a test left it stopped
         server.start()
-    server.sql(f"DROP DATABASE {name}")
+    server.sql(f"DROP DATABASE {e.name}")
 
 
 def traffic(rng: random.Random, classes: tuple[str, ...] = ("lan", "wan")) -> dict[str, dict[str, int]]:
@@ -610,12 +616,7 @@ def run_report(argv: list[str], cfg_path: Path, **env: str) -> tuple[int, str, s
 @pytest.fixture(scope="module")
 def shipped(server: MariaDB, net: LedgerNet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Env, list[Path], Path]]:
     tmp = tmp_path_factory.mktemp("shipped")
-    name = f"ledger{next(_names)}"
-    server.create_accounts(name, SHIP_PW, REPORT_PW)
-    for f, pw in (("ship.pw", SHIP_PW), ("report.pw", REPORT_PW)):
-        (tmp / f).write_text(pw + "\n")
-        os.chmod(tmp / f, 0o600)
-    e = Env(server, net, name, tmp)
+    e = _new_env(server, net, tmp)
     paths = random_cluster(tmp, seed=15)
     for p in paths:
         ship.ship(p, e.cfg(batch=37))
@@ -624,7 +625,7 @@ def shipped(server: MariaDB, net: LedgerNet, tmp_path_factory: pytest.TempPathFa
         ship.ship(p, config.LedgerConfig(**{**e.cfg().__dict__, "cluster": "beta"}))
     (tmp / "rates.toml").write_text(RATES)
     yield e, paths, e.config_file(paths[0])
-    server.sql(f"DROP DATABASE {name}")
+    server.sql(f"DROP DATABASE {e.name}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[" ".join(c) for c in CASES])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, VENV_BIN, need_root
+from conftest import ROOT, VENV_BIN, cluster_routes, need_root
 from mariadb import MariaDB
 from slurm_netacct.store import sacct
 from slurmharness import NodeSpec, SlurmCluster, ensure_user, make_workdir
@@ -58,16 +58,6 @@ class Lab:
                                *args], capture_output=True, text=True, env=self.env(), timeout=120)
 
 
-def _routes(topo: Topology, config: Path, action: str) -> None:
-    nodes = [f"--node=n{i + 1}={topo.node_addr(i)}" for i in range(len(topo.nodes))]
-    hosts = [(topo.node_ns(i), f"n{i + 1}") for i in range(len(topo.nodes))] + [(topo.ctl, None), (topo.router, None)]
-    for ns, self_name in hosts:
-        argv = ["nsenter", f"--net=/run/netns/{ns}", str(VENV_BIN / "netacct-routes"), action]
-        if action == "install":
-            argv += nodes + ([f"--self={self_name}"] if self_name else [])
-        subprocess.run(argv, check=True, capture_output=True, text=True, env=dict(os.environ, NETACCT_CONFIG=str(config)))
-
-
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     need_root()
@@ -94,7 +84,7 @@ def lab() -> Iterator[Lab]:
         db.create_accounts("netacct", SHIP_PW, REPORT_PW)
         db.sql(f"CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{SLURMDB_PW}';"
                "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';")
-        _routes(topo, config, "install")
+        cluster_routes(topo, config, "install")
         nodes = [NodeSpec(f"n{i + 1}", topo.node_ns(i), topo.node_addr(i), cpus=8) for i in range(len(topo.nodes))]
         slurm = SlurmCluster(work, topo.ctl, CTL4, nodes, prolog=str(ROOT / "prolog"), epilog=str(ROOT / "epilog"),
                              plugstack_lines=[f"required {ROOT}/spank/netacct.so netns_dir=/run/netns prefix={JOB_PREFIX}"],
@@ -112,7 +102,7 @@ def lab() -> Iterator[Lab]:
             if db is not None:
                 db.remove()
             leftovers = [n for n in os.listdir("/run/netns") if n.startswith(BASE)]
-            _routes(topo, config, "remove")
+            cluster_routes(topo, config, "remove")
         finally:
             topo.down()
         assert leftovers == [], f"left behind: {leftovers}"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, VENV_BIN, need_root
+from conftest import ROOT, VENV_BIN, cluster_routes, need_root
 from e2e import USER, Cluster, running_cluster
 from slurmharness import ensure_user, make_workdir
 from topology import LAN4, PORT, WAN4, Topology, in_ns
@@ -30,16 +30,6 @@ pytestmark = pytest.mark.e2e
 
 BASE = f"nse{os.getpid() % 100000}-"
 JOB_PREFIX = f"{BASE}%h-"  # several slurmd share this host's /run/netns: the host name keeps them apart
-
-
-def _routes(topo: Topology, config: Path, action: str) -> None:
-    nodes = [f"--node=n{i + 1}={topo.node_addr(i)}" for i in range(len(topo.nodes))]
-    hosts = [(topo.node_ns(i), f"n{i + 1}") for i in range(len(topo.nodes))] + [(topo.ctl, None), (topo.router, None)]
-    for ns, self_name in hosts:
-        argv = ["nsenter", f"--net=/run/netns/{ns}", str(VENV_BIN / "netacct-routes"), action]
-        if action == "install":
-            argv += nodes + ([f"--self={self_name}"] if self_name else [])
-        subprocess.run(argv, check=True, capture_output=True, text=True, env=dict(os.environ, NETACCT_CONFIG=str(config)))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +48,7 @@ def cluster() -> Iterator[Cluster]:
                       f'bpffs = "{topo.bpffs}"\n[pool]\nipv4 = "100.64.0.0/16"\n')
     topo.up()
     try:
-        _routes(topo, config, "install")
+        cluster_routes(topo, config, "install")
         with running_cluster(topo, work, config,
                              f"required {ROOT}/spank/netacct.so netns_dir=/run/netns prefix={JOB_PREFIX}") as c:
             yield c
@@ -68,7 +58,7 @@ def cluster() -> Iterator[Cluster]:
             for i in range(len(topo.nodes)):
                 links = in_ns(topo.node_ns(i), "ip", "-o", "link").stdout
                 leftovers += re.findall(r"^\d+: (na\d+)[@:]", links, re.M)
-            _routes(topo, config, "remove")
+            cluster_routes(topo, config, "remove")
             for ns, *_ in topo.hosts:
                 if "proto 222" in in_ns(ns, "ip", "route").stdout:
                     leftovers.append(f"route in {ns}")

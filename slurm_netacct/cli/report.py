@@ -204,12 +204,10 @@ def _body(args: argparse.Namespace) -> None:
     sources = _sources(args, cfg)
     access.check_jobs(who, query.job_ids, sources)
     classes = read.classes_in(sources)
-    classes += [k for k in cfg.class_names if k not in classes]
-    rates = load_rates(args.rates, classes) if args.rates is not None else None
-    if args.helpformat:
-        print(" ".join(render.available(classes, group_by, rates)))
+    shape = _output_shape(args, cfg, classes, group_by)
+    if shape is None:
         return
-    cols = render.columns(args.format, classes, group_by, rates)
+    classes, rates, cols = shape
     notes = Notes()
     records = _live_overlay(cfg, iter_jobs(sources, query, classes, notes))
     if group_by:
@@ -250,13 +248,10 @@ def _from_ledger(args: argparse.Namespace, cfg: config_mod.Config, who: str | No
             if others:
                 raise NotAllowedError(f"job {others[0]} is another user's: {who} may see only "
                                       "their own jobs (config [report] private = true)")
-        classes = src.classes()
-        classes += [k for k in cfg.class_names if k not in classes]
-        rates = load_rates(args.rates, classes) if args.rates is not None else None
-        if args.helpformat:
-            print(" ".join(render.available(classes, group_by, rates)))
+        shape = _output_shape(args, cfg, src.classes(), group_by)
+        if shape is None:
             return
-        cols = render.columns(args.format, classes, group_by, rates)
+        classes, rates, cols = shape
         notes = Notes()
         if group_by:
             _write_groups(args, src.aggregate(query, classes, group_by, rates, notes), group_by, cols, rates)
@@ -265,6 +260,18 @@ def _from_ledger(args: argparse.Namespace, cfg: config_mod.Config, who: str | No
         sys.stdout.flush()
     for line in notes.lines():
         COMMAND.complain(line)
+
+
+def _output_shape(args: argparse.Namespace, cfg: config_mod.Config, classes: list[str],
+                  group_by: tuple[str, ...] | None) -> tuple[list[str], Rates | None, list[render.Column]] | None:
+    """The classes of the report (those recorded, then the configured ones), its rates and
+    columns; None once --helpformat has printed the column names instead."""
+    classes = classes + [k for k in cfg.class_names if k not in classes]
+    rates = load_rates(args.rates, classes) if args.rates is not None else None
+    if args.helpformat:
+        print(" ".join(render.available(classes, group_by, rates)))
+        return None
+    return classes, rates, render.columns(args.format, classes, group_by, rates)
 
 
 def _write_groups(args: argparse.Namespace, groups: list[Group], group_by: tuple[str, ...],
