@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, VENV_BIN, cluster_routes, need_root
+from conftest import ROOT, cluster_routes, need_root
 from e2e import USER, Cluster, running_cluster
 from slurmharness import ensure_user, make_workdir
 from topology import LAN4, PORT, WAN4, Topology, in_ns
