@@ -139,8 +139,9 @@ def lab() -> Iterator[Lab]:
             leftovers += re.findall(r"^\d+: (na\d+)[@:]", in_ns(topo.node_ns(0), "ip", "-o", "link").stdout, re.M)
         finally:
             topo.down()
-            for d in _made:  # sshd is stopped with the cluster
-                d.rmdir()
+            for d in _made:  # our sshd is stopped with the cluster; another test run's may still use it
+                if subprocess.run(["pgrep", "-f", "netacct-test-sshd-"], capture_output=True).returncode != 0:
+                    d.rmdir()
             _made.clear()
             # proctrack/cgroup's hierarchy for this node (slurmd leaves the top directory).
             for top in Path("/sys/fs/cgroup").glob(f"*/slurm_{NODE}"):
