@@ -164,6 +164,14 @@ def forwarding_mark(netns_inode: int, version: int) -> Path:
     return RUN_DIR / f"node-{netns_inode}-forwarding-v{version}"
 
 
+def node_mark_inode(name: str) -> int | None:
+    """The node namespace inode a mark of RUN_DIR (node_mark, forwarding_mark) belongs to."""
+    parts = name.split("-")
+    if len(parts) >= 3 and parts[0] == "node" and parts[1].isdigit() and parts[2] in ("nat", "forwarding"):
+        return int(parts[1])
+    return None
+
+
 def lock_path(job_id: int) -> Path:
     """The lock file serialising work on a job (a fixed set: nothing accumulates in /run)."""
     return LOCK_DIR / f"stripe-{job_id % LOCK_STRIPES}"
