@@ -13,6 +13,10 @@ from .errors import SetupError
 
 # SLURM job ids are uint32; 0xfffffffe (NO_VAL) and 0xffffffff (INFINITE) are sentinels.
 MAX_JOB_ID = 0xFFFFFFFD
+# netacct-doctor --self-test's throwaway job: the largest id the hooks take. SLURM never gives
+# it out unless a federation's cluster 63 reaches MaxJobId's limit; its record is deleted
+# after the test and never shipped to the ledger.
+SELFTEST_JOB_ID = MAX_JOB_ID
 IFNAMSIZ = 16  # including the trailing NUL: interface names have at most 15 characters
 JOB_IFNAME = "eth0"  # the job's end of the veth pair, inside the job's namespace
 NFT_TABLE = "netacct"  # the accounting table inside each job namespace (family inet)
