@@ -44,9 +44,10 @@ def slurm_node_list(scontrol: str | None = None) -> list[SlurmNode]:
     except (OSError, subprocess.SubprocessError) as exc:
         raise SetupError(f"scontrol show nodes failed: {exc}") from None
     if r.returncode != 0:
-        said = " ".join((r.stderr or r.stdout).split()) or "no message"
-        raise SetupError(f"scontrol show nodes failed (exit {r.returncode}): {said[:300]}; is slurmctld up? "
-                         "Or give the nodes with --node NAME=ADDR")
+        lines = [" ".join(line.split()) for line in (r.stderr or r.stdout).splitlines() if line.strip()]
+        said = " / ".join(lines[-2:]) or "no message"  # the last lines say why (retries come first)
+        raise SetupError(f"scontrol show nodes failed (exit {r.returncode}): {said[:400]} (is slurmctld up? "
+                         "Or give the nodes with --node NAME=ADDR)")
     nodes = []
     for line in r.stdout.splitlines():
         fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
