@@ -298,3 +298,31 @@ def test_the_node_table_follows_the_last_ruleset_installed(tmp_path: Path) -> No
             assert NftNat().remove(cfg)
     finally:
         sh("ip", "netns", "del", ns, check=False)
+
+
+def test_the_marks_of_deleted_node_namespaces_do_not_pile_up() -> None:
+    """Was: /run/slurm-netacct/node-<inode>-* of every node namespace ever used stayed until
+    the next boot (and a new namespace given a dead one's inode inherited its marks)."""
+    from conftest import need_root
+    from topology import sh
+
+    need_root()
+    a, b = f"{TAG}mark-a", f"{TAG}mark-b"
+    turn_on = "from slurm_netacct.node import nat; nat.enable_forwarding(False)"
+    sh("ip", "netns", "add", a)
+    sh("ip", "netns", "add", b)
+    mark_a = naming.forwarding_mark(os.stat(f"/run/netns/{a}").st_ino, 4)
+    mark_b = naming.forwarding_mark(os.stat(f"/run/netns/{b}").st_ino, 4)
+    try:
+        in_ns(a, sys.executable, "-c", turn_on)
+        assert mark_a.read_text() == "0"  # what a prolog found there (a new namespace does not forward)
+        sh("ip", "netns", "del", a)
+        assert mark_a.exists()
+        in_ns(b, sys.executable, "-c", turn_on)  # the next mark written prunes those of dead namespaces
+        assert not mark_a.exists()
+        assert mark_b.read_text() == "0"
+    finally:
+        sh("ip", "netns", "del", a, check=False)
+        sh("ip", "netns", "del", b, check=False)
+        mark_a.unlink(missing_ok=True)
+        mark_b.unlink(missing_ok=True)
