@@ -225,3 +225,25 @@ def test_an_unknown_check_is_a_usage_error() -> None:
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("netacct-doctor: argument --check: invalid choice: 'nosuch'")
 
+
+
+def test_self_test_with_the_cgroup_engine_is_exact_too(topo: Topology, tmp_path: Path) -> None:
+    """Mode "own": the throwaway job's process is moved into the job's cgroup (netacct-exec), and
+    its datagrams leave the node's namespace through the self-test's pair, not loopback."""
+    from slurm_netacct.node import agreement
+
+    node = Node(topo, tmp_path, "cgroup", daemon=True)
+    try:
+        conf_dir = tmp_path / "slurm"
+        conf_dir.mkdir()
+        plugstack = conf_dir / "plugstack.conf"
+        plugstack.write_text(f"required {ROOT}/spank/netacct.so {agreement.wanted_arguments(node.cfg)}\n")
+        site = Site(node, topo, conf_dir / "slurm.conf", plugstack, conf_dir / "no-pam")
+        site.write_conf(PrologFlags="Alloc")
+        r = site.doctor("--self-test")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert _line(r, "routes") == "SKIP  routes: the cgroup engine needs no routes"
+        assert _line(r, "self-test").startswith(f"OK    self-test: job {naming.SELFTEST_JOB_ID} (prolog, 20 datagrams"), r.stdout
+        assert "wan in 20 pkts/13264 B, out 20 pkts/13264 B, exact" in _line(r, "self-test")
+    finally:
+        node.cleanup()

@@ -8,6 +8,7 @@ runs a throwaway job). They never raise for what they find: a broken setup is a 
 from __future__ import annotations
 
 import enum
+import glob
 import ipaddress
 import os
 import re
@@ -325,6 +326,18 @@ def hook_target(path: Path, which: str, depth: int = 0) -> Path | None:
     return None
 
 
+def hook_paths(value: str) -> list[Path]:
+    """The executables of a Prolog= or Epilog= value: comma-separated, each may be a glob
+    (SLURM 23.02 and later run every match)."""
+    out: list[Path] = []
+    for item in (v.strip() for v in value.split(",")):
+        if not item:
+            continue
+        matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        out += [Path(m) for m in matches]
+    return out
+
+
 def check_slurm_conf(ctx: Context) -> Iterator[Result]:
     conf = ctx.slurm
     if conf.error is not None:
@@ -338,7 +351,7 @@ def check_slurm_conf(ctx: Context) -> Iterator[Result]:
         if not value:
             yield Result(which, Verdict.FAIL, f"{conf.path} has no {key}=: no job is accounted", fix)
             continue
-        paths = [Path(v) for v in value.split(",") if v]
+        paths = hook_paths(value)
         ours = [p for p in paths if hook_target(p, which)]
         if not ours:
             other = "epilog" if which == "prolog" else "prolog"

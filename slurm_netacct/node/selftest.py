@@ -30,7 +30,7 @@ from pathlib import Path
 from .. import naming
 from ..errors import NetacctError
 from ..kernel import netns
-from .doctor import Context, Result, Verdict, hook_target
+from .doctor import Context, Result, Verdict, hook_paths, hook_target
 
 SERVER_NET = ipaddress.IPv4Network("192.0.2.0/30")
 NODE_ADDR, SERVER_ADDR = "192.0.2.1", "192.0.2.2"
@@ -99,7 +99,7 @@ def _hooks(ctx: Context) -> tuple[Path, Path] | str:
     found = []
     for which in ("prolog", "epilog"):
         value = ctx.slurm.get(which.capitalize()) or ""
-        targets = [Path(v) for v in value.split(",") if v and hook_target(Path(v), which)]
+        targets = [p for p in hook_paths(value) if hook_target(p, which)]
         if not targets:
             return f"slurm.conf's {which.capitalize()} is not slurm-netacct's (see the {which} line)"
         found.append(targets[0])
