@@ -38,10 +38,11 @@ def is_netns(path: Path) -> bool:
 
 def live_netns_inodes() -> set[int]:
     """The inode of every network namespace that something on this host still holds: a thread
-    in it, an open descriptor of it, or a bind mount of it (visible in our mount namespace).
+    in it, an open descriptor of it, or a bind mount of it (in any process's mount namespace).
 
     What is not in this set has been deleted (its inode may be reused by a new namespace)."""
     live: set[int] = set()
+    mount_namespaces: set[int] = set()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -65,14 +66,21 @@ def live_netns_inodes() -> set[int]:
                 continue
             if target.startswith("net:["):
                 live.add(int(target[5:-1]))
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                root = line.split(" ", 4)[3]
-                if root.startswith("net:["):
-                    live.add(int(root[5:-1]))
-    except OSError:
-        pass
+        try:
+            mnt = os.stat(f"/proc/{pid}/ns/mnt").st_ino
+        except OSError:
+            continue
+        if mnt in mount_namespaces:  # one mountinfo per mount namespace
+            continue
+        mount_namespaces.add(mnt)
+        try:
+            with open(f"/proc/{pid}/mountinfo") as f:
+                for line in f:
+                    root = line.split(" ", 4)[3]
+                    if root.startswith("net:["):
+                        live.add(int(root[5:-1]))
+        except OSError:
+            pass
     return live
 
 
