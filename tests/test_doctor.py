@@ -247,3 +247,20 @@ def test_self_test_with_the_cgroup_engine_is_exact_too(topo: Topology, tmp_path:
         assert "wan in 20 pkts/13264 B, out 20 pkts/13264 B, exact" in _line(r, "self-test")
     finally:
         node.cleanup()
+
+
+def test_self_test_reports_a_failing_prolog_and_leaves_nothing(site: Site) -> None:
+    """Without the service, with an uplink that does not exist: the prolog fails as it would for
+    every real job (exit 7); the self-test says so, runs the epilog and removes all it made."""
+    node = site.node
+    node.stop_daemon()
+    node.config_path.write_text(node.config_path.read_text().replace('uplink = "up0"', 'uplink = "nosuch0"'))
+    r = site.doctor("--self-test", "--check", "uplink")
+    assert r.returncode == FAILED, r.stdout + r.stderr
+    assert _line(r, "uplink").startswith("FAIL  uplink: uplink interface 'nosuch0' does not exist")
+    assert _line(r, "self-test") == (
+        f"FAIL  self-test: the prolog failed (exit 7): netacct-prolog: job {naming.SELFTEST_JOB_ID}: uplink "
+        "interface 'nosuch0' does not exist; fix: the same failure drains the node for real jobs: fix what it says")
+    assert not [n for n in os.listdir("/run/netns") if n.startswith("netacct-doctor-")]
+    assert not (node.cfg.netns_dir / naming.netns_name(JOB_PREFIX, naming.SELFTEST_JOB_ID)).exists()
+    assert node.report("-j", str(naming.SELFTEST_JOB_ID)) == []

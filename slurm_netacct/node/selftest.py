@@ -26,6 +26,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 from .. import naming
 from ..errors import NetacctError
@@ -130,7 +131,10 @@ def _record(ctx: Context) -> tuple[str | None, dict[str, tuple[int, int, int, in
     assert ctx.cfg is not None
     db = ctx.cfg.db_for(ctx.node)
     key = (naming.SELFTEST_JOB_ID, ctx.node)
-    conn = sqlite3.connect(db, timeout=30)
+    try:  # mode=rw: never create a database that the hooks did not make
+        conn = sqlite3.connect(f"file:{quote(str(db))}?mode=rw", uri=True, timeout=30)
+    except sqlite3.Error:
+        return None, {}
     try:
         row = conn.execute("SELECT state FROM jobs WHERE job_id = ? AND node = ? ORDER BY restart DESC LIMIT 1",
                            key).fetchone()
@@ -140,6 +144,8 @@ def _record(ctx: Context) -> tuple[str | None, dict[str, tuple[int, int, int, in
         with conn:
             conn.execute("DELETE FROM traffic WHERE job_id = ? AND node = ?", key)
             conn.execute("DELETE FROM jobs WHERE job_id = ? AND node = ?", key)
+    except sqlite3.Error:
+        return None, {}
     finally:
         conn.close()
     return (row[0] if row else None), traffic
@@ -174,6 +180,7 @@ def self_test(ctx: Context) -> Result:
     srv_ns = Path(cfg.netns_dir) / f"netacct-doctor-{pid}"
     host_if = f"{cfg.ifname_prefix}x{pid % 100000}"
     server = None
+    prolog_ran = epilog_ran = False
     try:
         _make_server_link(srv_ns, host_if)
         server = subprocess.Popen([sys.executable, "-c", SERVER, SERVER_ADDR, str(len(SIZES))],
@@ -183,19 +190,22 @@ def self_test(ctx: Context) -> Result:
         if ready[:1] != ["ready"]:
             return Result(name, Verdict.FAIL, "the self-test's server did not start", "report this as a bug")
         port = ready[1]
+        prolog_ran = True
         r = _run_hook(prolog, ctx)
         if r.returncode != 0:
-            _run_hook(epilog, ctx)
-            _record(ctx)
             return Result(name, Verdict.FAIL, f"the prolog failed (exit {r.returncode}): {_first_line(r.stderr)}",
                           "the same failure drains the node for real jobs: fix what it says")
         c = subprocess.run([sys.executable, "-m", "slurm_netacct.cli.exec", "--job", str(naming.SELFTEST_JOB_ID),
                             "--", sys.executable, "-c", CLIENT, SERVER_ADDR, port, ",".join(map(str, SIZES))],
                            env=dict(os.environ, NETACCT_CONFIG=str(ctx.cfg_path)),
                            capture_output=True, text=True, timeout=120)
+        epilog_ran = True
         e = _run_hook(epilog, ctx)
         state, traffic = _record(ctx)
     finally:
+        if prolog_ran and not epilog_ran:  # a failed prolog, or an exception: leave no job behind
+            _run_hook(epilog, ctx)
+            _record(ctx)
         if server is not None:
             server.kill()
             server.wait()
