@@ -13,6 +13,10 @@ from .errors import SetupError
 
 # SLURM job ids are uint32; 0xfffffffe (NO_VAL) and 0xffffffff (INFINITE) are sentinels.
 MAX_JOB_ID = 0xFFFFFFFD
+# netacct-doctor --self-test's throwaway job: the largest id the hooks take. SLURM never gives
+# it out unless a federation's cluster 63 reaches MaxJobId's limit; its record is deleted
+# after the test and never shipped to the ledger.
+SELFTEST_JOB_ID = MAX_JOB_ID
 IFNAMSIZ = 16  # including the trailing NUL: interface names have at most 15 characters
 JOB_IFNAME = "eth0"  # the job's end of the veth pair, inside the job's namespace
 NFT_TABLE = "netacct"  # the accounting table inside each job namespace (family inet)
@@ -162,6 +166,14 @@ def forwarding_mark(netns_inode: int, version: int) -> Path:
     """The file that keeps what IPv4 or IPv6 forwarding of a node namespace was before a
     prolog turned it on (for netacct-reconcile --remove-node; cleared at boot, as the setting)."""
     return RUN_DIR / f"node-{netns_inode}-forwarding-v{version}"
+
+
+def node_mark_inode(name: str) -> int | None:
+    """The node namespace inode a mark of RUN_DIR (node_mark, forwarding_mark) belongs to."""
+    parts = name.split("-")
+    if len(parts) >= 3 and parts[0] == "node" and parts[1].isdigit() and parts[2] in ("nat", "forwarding"):
+        return int(parts[1])
+    return None
 
 
 def lock_path(job_id: int) -> Path:

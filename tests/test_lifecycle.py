@@ -298,3 +298,47 @@ def test_the_node_table_follows_the_last_ruleset_installed(tmp_path: Path) -> No
             assert NftNat().remove(cfg)
     finally:
         sh("ip", "netns", "del", ns, check=False)
+
+
+def test_the_marks_of_deleted_node_namespaces_do_not_pile_up() -> None:
+    """Was: /run/slurm-netacct/node-<inode>-* of every node namespace ever used stayed until
+    the next boot (and a new namespace given a dead one's inode inherited its marks).
+
+    The namespaces are held by a process each, not bind-mounted: on this machine /run/netns
+    is mounted over itself several times (every `ip netns add` of every tool may add one), so
+    a namespace deleted with `ip netns del` can live on in a shadowed copy of its mount."""
+    import time
+
+    from conftest import need_root
+
+    need_root()
+    turn_on = "from slurm_netacct.node import nat; nat.enable_forwarding(False)"
+    own = os.stat("/proc/self/ns/net").st_ino
+    holders = [subprocess.Popen(["unshare", "--net", "sleep", "300"]) for _ in range(2)]
+    try:
+        inodes = []
+        for h in holders:
+            deadline = time.monotonic() + 10
+            while os.stat(f"/proc/{h.pid}/ns/net").st_ino == own and time.monotonic() < deadline:
+                time.sleep(0.01)
+            inodes.append(os.stat(f"/proc/{h.pid}/ns/net").st_ino)
+        assert own not in inodes
+        mark_a, mark_b = (naming.forwarding_mark(i, 4) for i in inodes)
+        try:
+            subprocess.run(["nsenter", f"--net=/proc/{holders[0].pid}/ns/net", sys.executable, "-c", turn_on],
+                           check=True)
+            assert mark_a.read_text() == "0"  # what a prolog found there (a new namespace does not forward)
+            holders[0].kill()
+            holders[0].wait()  # namespace a is gone
+            assert mark_a.exists()
+            subprocess.run(["nsenter", f"--net=/proc/{holders[1].pid}/ns/net", sys.executable, "-c", turn_on],
+                           check=True)  # the next mark written prunes those of dead namespaces
+            assert not mark_a.exists()
+            assert mark_b.read_text() == "0"
+        finally:
+            mark_a.unlink(missing_ok=True)
+            mark_b.unlink(missing_ok=True)
+    finally:
+        for h in holders:
+            h.kill()
+            h.wait()

@@ -108,3 +108,34 @@ def test_colliding_nodes_are_a_config_error_on_the_command_line(host: tuple[str,
                                 "index 1 (job prefix 100.64.1.0/24): give one of them an index of its own "
                                 "under [routed.nodes]")
     assert _table(ns) == ["10.9.0.0/24 dev lan0 proto kernel scope link src 10.9.0.1 "]
+
+
+def test_a_node_whose_address_is_this_hosts_gets_no_route_without_slurmd_nodename(host: tuple[str, Path]) -> None:
+    """Was: on a compute node without $SLURMD_NODENAME or --self, install routed the node's own
+    job prefix through its own address."""
+    ns, cfg = host
+    env = {k: v for k, v in os.environ.items() if k != "SLURMD_NODENAME"}
+    r = subprocess.run(["nsenter", f"--net=/run/netns/{ns}", str(VENV_BIN / "netacct-routes"), "install",
+                        "--node", "n1=10.9.0.1", "--node", "n2=10.9.0.2"],
+                       capture_output=True, text=True, env=dict(env, NETACCT_CONFIG=str(cfg)))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ("100.64.2.0/24 via 10.9.0.2 (n2)\nskipped n1: its address 10.9.0.1 is this host's\n"
+                        "installed 1 routes, removed 0 stale ones\n")
+    assert [line for line in _table(ns) if line.startswith("100.64.")] == [
+        "100.64.2.0/24 via 10.9.0.2 dev lan0 proto 222 "]
+
+
+@pytest.mark.slow  # scontrol tries to reach slurmctld for 9 s
+def test_scontrols_own_message_is_shown_when_slurmctld_is_not_up(host: tuple[str, Path], tmp_path: Path) -> None:
+    """Was: `scontrol show nodes failed: Command '[...]' returned non-zero exit status 1.`"""
+    ns, cfg = host
+    in_ns(ns, "ip", "link", "set", "lo", "up")
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=x\nSlurmctldHost=ctl(10.9.0.1)\nSlurmctldPort=6999\nAuthType=auth/munge\n"
+                    f"AuthInfo=socket={tmp_path}/munge.socket\nNodeName=n1 NodeAddr=10.9.0.1\nPartitionName=p Nodes=n1\n")
+    r = subprocess.run(["nsenter", f"--net=/run/netns/{ns}", str(VENV_BIN / "netacct-routes"), "install"],
+                       capture_output=True, text=True, env=dict(os.environ, NETACCT_CONFIG=str(cfg), SLURM_CONF=str(conf)))
+    assert r.returncode == 7 and r.stdout == ""
+    assert r.stderr == ("netacct-routes: scontrol show nodes failed (exit 1): slurm_load_node error: Unable to "
+                        "contact slurm controller (connect failure) (is slurmctld up? Or give the nodes with "
+                        "--node NAME=ADDR)\n")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cluster_routes, need_root
+from conftest import ROOT, VENV_BIN, cluster_routes, need_root
 from e2e import USER, Cluster, running_cluster
 from slurmharness import ensure_user, make_workdir
 from topology import LAN4, PORT, WAN4, Topology, in_ns
@@ -349,3 +349,40 @@ unshare -rm bash {engine} {cluster.work}
     assert (t["out_packets"], t["out_bytes"]) == wan["rx"]
     assert (t["in_packets"], t["in_bytes"]) == wan["tx"]
     assert t["out_bytes"] > n
+
+
+def _on_n1(cluster: Cluster, *argv: str) -> subprocess.CompletedProcess[str]:
+    """argv in n1's network namespace but this machine's UTS namespace (its host name is not
+    n1), without $SLURMD_NODENAME: as an administrator runs a command by hand on a node whose
+    SLURM name differs from its host name."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "NETACCT_"))}
+    env.update(NETACCT_CONFIG=str(cluster.config), SLURM_CONF=str(cluster.slurm.conf_path))
+    return subprocess.run(["nsenter", f"--net=/run/netns/{cluster.topo.node_ns(0)}", *argv],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_report_by_hand_on_a_node_finds_its_database_without_slurmd_nodename(cluster: Cluster) -> None:
+    """Was: with `db = ".../%n.db"`, netacct-report looked for <host name>.db (here the machine's
+    name, not n1) and found nothing; now it asks SLURM which node has this host's address."""
+    job, out = cluster.submit("#!/bin/bash\n#SBATCH -N1 -w n1\ntrue\n")
+    assert out.startswith("COMPLETED"), out
+    assert os.uname().nodename.split(".")[0] != "n1"
+    r = _on_n1(cluster, str(VENV_BIN / "netacct-report"), "-j", str(job), "-P", "-n", "-o", "JobID,NodeList,State")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{job}|n1|completed\n"
+
+
+def test_doctor_on_a_real_cluster_node_passes_and_its_self_test_is_exact(cluster: Cluster) -> None:
+    """netacct-doctor on n1 of the real cluster, finding by itself that it is n1 (its address)
+    and a compute node: every check passes (PAM: none here), and the self-test's throwaway job
+    goes through slurm.conf's Prolog and Epilog (the harness's wrappers) and the service."""
+    r = _on_n1(cluster, str(VENV_BIN / "netacct-doctor"), "--config", str(cluster.config),
+               "--socket", str(cluster.work / "daemon.sock"), "--pam", str(cluster.work / "no-pam"), "--self-test")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("netacct-doctor: compute host, node n1; ")
+    assert [line.split(":")[0] for line in lines[1:-1]] == [
+        "OK    config", "OK    plugstack", "SKIP  pam", "OK    prolog", "OK    epilog", "OK    prologflags",
+        "OK    service", "OK    routes", "OK    forwarding", "OK    uplink", "OK    store", "OK    self-test"], r.stdout
+    assert "wan in 20 pkts/13264 B, out 20 pkts/13264 B, exact" in lines[-2]
+    assert lines[-1] == "netacct-doctor: 11 OK, 0 FAIL, 0 WARN, 1 SKIP"

@@ -92,11 +92,21 @@ class Command:
 
 
 NODE_HELP = "the SLURM node name (default: $SLURMD_NODENAME, else this host's short name)"
+NODE_HELP_ASK = ("the SLURM node name (default: $SLURMD_NODENAME; else, if `db` has %%n, the node SLURM lists "
+                 "with this host's name or address; else this host's short name)")
 
 
-def node_name(value: str | None) -> str:
-    """--node, or the default node name; UsageError unless it is a valid node name."""
-    node = value or naming.default_node()
+def node_name(value: str | None, db_pattern: str | None = None) -> str:
+    """--node, or the default node name; UsageError unless it is a valid node name. With
+    `db_pattern` (the config's `db`) the default is asked of SLURM if the path has %n."""
+    if value:
+        node = value
+    elif db_pattern is not None:
+        from ..node.identity import this_node
+
+        node = this_node(db_pattern)
+    else:
+        node = naming.default_node()
     if not naming.valid_host_name(node):
         raise UsageError(f"--node {node[:64]!r} is not a valid node name")
     return node

@@ -12,12 +12,12 @@ import os
 import sys
 from pathlib import Path
 
-from . import daemon, exec, exporter, reconcile, report, routes, sacct, sample, ship
+from . import daemon, doctor, exec, exporter, reconcile, report, routes, sacct, sample, ship
 from .common import Command
 
 COMMANDS: list[Command] = [exec.COMMAND, routes.COMMAND, daemon.COMMAND, reconcile.COMMAND, sample.COMMAND,
                            ship.COMMAND, exporter.COMMAND, report.COMMAND,
-                           sacct.COMMAND]
+                           sacct.COMMAND, doctor.COMMAND]
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 REFERENCE = ROOT / "doc" / "commands.md"

@@ -8,13 +8,13 @@ import os
 from .. import config as config_mod
 from ..log import setup as setup_log
 from ..node import agreement, hooks, reaper
-from .common import NODE_HELP, Command, Parser, job_ids, node_name
+from .common import NODE_HELP_ASK, Command, Parser, job_ids, node_name
 
 RECONCILE_FAILED = 7  # SetupError's code: something could not be removed
 
 
 def _arguments(p: Parser) -> None:
-    p.add_argument("--node", metavar="NAME", help=NODE_HELP)
+    p.add_argument("--node", metavar="NAME", help=NODE_HELP_ASK)
     p.add_argument("--active", metavar="ID[,ID...]",
                    help="the jobs active on this node, instead of asking squeue ('' for none)")
     p.add_argument("--dry-run", action="store_true", help="only list what would be reconciled")
@@ -32,7 +32,7 @@ def _body(args: argparse.Namespace) -> int | None:
     for line in agreement.disagreements(cfg):  # run before slurmd starts: the place to say it
         log.warning("%s", line)
         COMMAND.complain(f"warning: {line}")
-    node = node_name(args.node)
+    node = node_name(args.node, str(cfg.db))
     if args.active is not None:
         active = (job_ids([args.active], "--active") or set()) if args.active.strip() else set()
     else:

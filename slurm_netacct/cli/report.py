@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -11,7 +12,6 @@ from decimal import Decimal
 from pathlib import Path
 
 from .. import config as config_mod
-from .. import naming
 from ..errors import ConfigError, NetacctError, NotAllowedError, UsageError
 from ..report import access, render, timeparse
 from ..report.aggregate import GROUP_BY, Group, aggregate, aggregate_parallel
@@ -147,9 +147,21 @@ def build_query(args: argparse.Namespace, who: str | None, billing: bool = False
                  nodes=_names(args.nodelist, "-N/--nodelist"), states=states, start=start, end=end, billing=billing)
 
 
+def _this_node(cfg: config_mod.Config) -> str:
+    """This node's SLURM name (without $SLURMD_NODENAME: asked of SLURM if `db` has %n)."""
+    return _node_for(str(cfg.db))
+
+
+@functools.cache
+def _node_for(db_pattern: str) -> str:
+    from ..node.identity import this_node
+
+    return this_node(db_pattern)
+
+
 def _live_overlay(cfg: config_mod.Config, records: Iterator[JobRecord]) -> Iterator[JobRecord]:
     """Running jobs of this node get their current counters instead of the last sample."""
-    node = naming.default_node()
+    node = _this_node(cfg)
     live: dict[int, Traffic] | None = None
     for rec in records:
         if rec.state == State.RUNNING and node in rec.nodes and os.geteuid() == 0:
@@ -168,8 +180,7 @@ def _live_overlay(cfg: config_mod.Config, records: Iterator[JobRecord]) -> Itera
 
 def _is_local_only(cfg: config_mod.Config, sources: list[Path]) -> bool:
     """True if the report reads this node's own database (whose running jobs get live counters)."""
-    node = naming.default_node()
-    local = cfg.db_for(node)
+    local = cfg.db_for(_this_node(cfg))
     return os.geteuid() == 0 and any(p.exists() and local.exists() and os.path.samefile(p, local) for p in sources)
 
 
@@ -186,7 +197,7 @@ def _sources(args: argparse.Namespace, cfg: config_mod.Config) -> list[Path]:
     paths = list(args.db or [])
     for d in args.db_dir or []:
         paths += read.databases_in(d)
-    return read.unique_sources(paths or [cfg.db_for(naming.default_node())])
+    return read.unique_sources(paths or [cfg.db_for(_this_node(cfg))])
 
 
 def _body(args: argparse.Namespace) -> None:

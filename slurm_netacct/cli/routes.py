@@ -7,7 +7,7 @@ import os
 
 from .. import config as config_mod
 from ..errors import UsageError
-from ..node import routes
+from ..node import identity, routes
 from .common import Command, Parser
 
 
@@ -16,7 +16,8 @@ def _arguments(p: Parser) -> None:
     p.add_argument("--node", action="append", metavar="NAME=ADDR",
                    help="a node and its address (repeatable); default: ask `scontrol show nodes`")
     p.add_argument("--self", dest="self_node", metavar="NAME",
-                   help="this host's node name, skipped (default: $SLURMD_NODENAME, else none)")
+                   help="this host's node name, skipped (default: $SLURMD_NODENAME; a node whose NodeAddr "
+                        "is an address of this host is skipped in any case)")
 
 
 def _nodes(items: list[str]) -> dict[str, str]:
@@ -39,10 +40,14 @@ def _body(args: argparse.Namespace) -> None:
         return
     cfg = config_mod.load()
     nodes = _nodes(args.node) if args.node else routes.slurm_nodes()
-    planned = routes.plan(cfg, nodes, args.self_node or os.environ.get("SLURMD_NODENAME"))
+    self_node = args.self_node or os.environ.get("SLURMD_NODENAME")
+    planned = routes.plan(cfg, nodes, self_node, identity.local_addresses())
     added, removed = routes.install(planned)
     for r in planned:
         print(f"{r.prefix} via {r.via} ({r.node})")
+    routed = {r.node for r in planned}
+    for name in sorted(set(nodes) - routed - {self_node}):
+        print(f"skipped {name}: its address {nodes[name]} is this host's")
     print(f"installed {added} routes, removed {removed} stale ones")
 
 

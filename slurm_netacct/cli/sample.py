@@ -8,16 +8,16 @@ import os
 from .. import config as config_mod
 from ..log import setup as setup_log
 from ..node import sample
-from .common import NODE_HELP, Command, Parser, node_name
+from .common import NODE_HELP_ASK, Command, Parser, node_name
 
 
 def _arguments(p: Parser) -> None:
-    p.add_argument("--node", metavar="NAME", help=NODE_HELP)
+    p.add_argument("--node", metavar="NAME", help=NODE_HELP_ASK)
 
 
 def _body(args: argparse.Namespace) -> int | None:
-    node = node_name(args.node)
     cfg = config_mod.load()
+    node = node_name(args.node, str(cfg.db))
     os.umask(0o077)
     setup_log(cfg.log_file, COMMAND.prog)
     result = sample.sample_node(cfg, node)

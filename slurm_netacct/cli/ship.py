@@ -10,7 +10,7 @@ from .. import config as config_mod
 from ..errors import ConfigError
 from ..log import setup as setup_log
 from ..store import ship
-from .common import NODE_HELP, Command, Parser, node_name
+from .common import NODE_HELP_ASK, Command, Parser, node_name
 
 DESCRIPTION = """\
 Send this node's job records (final ones, and the last sample of running jobs) to the cluster
@@ -22,13 +22,13 @@ Prints one summary line."""
 
 
 def _arguments(p: Parser) -> None:
-    p.add_argument("--node", metavar="NAME", help=NODE_HELP + "; selects the database (`%%n` in db)")
+    p.add_argument("--node", metavar="NAME", help=NODE_HELP_ASK + "; selects the database (`%%n` in db)")
     p.add_argument("--db", metavar="PATH", type=Path, help="the node database to ship (default: the configured db)")
 
 
 def _body(args: argparse.Namespace) -> None:
-    node = node_name(args.node)
     cfg = config_mod.load()
+    node = node_name(args.node, str(cfg.db))
     os.umask(0o077)
     setup_log(cfg.log_file, COMMAND.prog)
     if cfg.ledger is None:

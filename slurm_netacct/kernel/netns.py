@@ -36,6 +36,54 @@ def is_netns(path: Path) -> bool:
         return False
 
 
+def live_netns_inodes() -> set[int]:
+    """The inode of every network namespace that something on this host still holds: a thread
+    in it, an open descriptor of it, or a bind mount of it (in any process's mount namespace).
+
+    What is not in this set has been deleted (its inode may be reused by a new namespace)."""
+    live: set[int] = set()
+    mount_namespaces: set[int] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                live.add(os.stat(f"/proc/{pid}/task/{tid}/ns/net").st_ino)
+            except OSError:
+                pass
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("net:["):
+                live.add(int(target[5:-1]))
+        try:
+            mnt = os.stat(f"/proc/{pid}/ns/mnt").st_ino
+        except OSError:
+            continue
+        if mnt in mount_namespaces:  # one mountinfo per mount namespace
+            continue
+        mount_namespaces.add(mnt)
+        try:
+            with open(f"/proc/{pid}/mountinfo") as f:
+                for line in f:
+                    root = line.split(" ", 4)[3]
+                    if root.startswith("net:["):
+                        live.add(int(root[5:-1]))
+        except OSError:
+            pass
+    return live
+
+
 def setns(path: Path) -> None:
     """Move the calling thread (the whole process if single-threaded) into the namespace."""
     try:

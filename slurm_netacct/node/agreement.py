@@ -112,19 +112,29 @@ def _c_default(key: str) -> str | None:
     return C_DEFAULTS[key]
 
 
-def disagreements(cfg: Config, plugstack: Path | None = None, pam: Path | None = None) -> list[str]:
-    """One line for each place whose arguments differ from the configuration's."""
+def differences(cfg: Config, what: str, lines: list[tuple[Path, dict[str, str]]]) -> list[str]:
+    """One line for each argument of `lines` (what: "SPANK plugin", "PAM module") that differs
+    from the configuration's."""
     want = {k: (v.rstrip("/") or "/") if k in DIRS else v for k, v in _wanted(cfg).items()}
     lost = "namespaces" if cfg.engine != "cgroup" else "counting programs or cgroups"
     out = []
-    for what, lines in (("SPANK plugin", plugin_lines(plugstack or plugstack_path())),
-                        ("PAM module", pam_lines(pam or DEFAULT_PAM))):
-        for path, args in lines:
-            for key, value in want.items():
-                theirs = args.get(key, _c_default(key))
-                if theirs is not None and key in DIRS:
-                    theirs = theirs.rstrip("/") or "/"
-                if theirs != value:
-                    out.append(f"{path}: the {what}'s {key}={theirs} differs from the config's {value} "
-                               f"({CONFIG_KEYS[key]}): its jobs' {lost} will not be found")
+    for path, args in lines:
+        for key, value in want.items():
+            theirs = args.get(key, _c_default(key))
+            if theirs is not None and key in DIRS:
+                theirs = theirs.rstrip("/") or "/"
+            if theirs != value:
+                out.append(f"{path}: the {what}'s {key}={theirs} differs from the config's {value} "
+                           f"({CONFIG_KEYS[key]}): its jobs' {lost} will not be found")
     return out
+
+
+def wanted_arguments(cfg: Config) -> str:
+    """The plugstack.conf / PAM arguments this configuration needs, as they are written."""
+    return " ".join(f"{k}={v}" for k, v in _wanted(cfg).items())
+
+
+def disagreements(cfg: Config, plugstack: Path | None = None, pam: Path | None = None) -> list[str]:
+    """One line for each place whose arguments differ from the configuration's."""
+    return (differences(cfg, "SPANK plugin", plugin_lines(plugstack or plugstack_path()))
+            + differences(cfg, "PAM module", pam_lines(pam or DEFAULT_PAM)))

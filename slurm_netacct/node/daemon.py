@@ -11,6 +11,9 @@ because of the service.
 Protocol (one request per connection): "netacct/1\\0OP\\0KEY=VALUE\\0...", fds [netns,
 resolv.conf?]; answer "RC MESSAGE\\n". RC 75 (EX_TEMPFAIL) means "do it yourself".
 OP "flush" (no fds needed) answers once all deferred work queued before it is done.
+OP "status" (no fds) answers "0 config=PATH sha256=HEX": the config it runs with, and the
+SHA-256 of that file's bytes as it read them at start ("-" for built-in defaults); for
+netacct-doctor.
 """
 
 from __future__ import annotations
@@ -49,6 +52,37 @@ def pin_malloc_thresholds(nbytes: int = MALLOC_THRESHOLD) -> bool:
     return libc.mallopt(M_MMAP_THRESHOLD, nbytes) and libc.mallopt(M_TRIM_THRESHOLD, nbytes)
 
 
+def config_digest(path: Path) -> str:
+    """SHA-256 of the config file's bytes, "-" if there is none (built-in defaults)."""
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return "-"
+
+
+def ask_status(sock_path: Path, timeout: float = 5) -> tuple[Path, str]:
+    """(config path, its digest) that the service at sock_path runs with; OSError if it does
+    not answer, ValueError if the answer is not a status line."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(timeout)
+        c.connect(str(sock_path))
+        c.sendall(MAGIC + b"\0status\0\0")
+        c.shutdown(socket.SHUT_WR)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    text = data.decode(errors="replace").rstrip("\n")
+    path, sep, digest = text.removeprefix("0 config=").rpartition(" sha256=")
+    if not text.startswith("0 config=") or not sep:
+        raise ValueError(f"unexpected answer {data[:80]!r}")
+    return Path(path), digest
+
+
 ACCEPT_POLL = 1.0  # seconds: how often the accept loop checks for a stop request
 
 
@@ -80,6 +114,7 @@ class Daemon:
         self.malloc_pinned = pin_malloc_thresholds()  # first: all that follows is allocated under it
         self.cfg_path = Path(cfg_path or os.environ.get(config_mod.ENV_VAR) or config_mod.DEFAULT_PATH)
         self.cfg = config_mod.load(self.cfg_path if self.cfg_path.exists() or cfg_path else None)
+        self.cfg_digest = config_digest(self.cfg_path)
         self.log = setup_log(self.cfg.log_file, "netacct-daemon")
         if not self.malloc_pinned:
             self.log.warning("cannot fix the malloc thresholds (not glibc?): memory may grow per "
@@ -232,6 +267,9 @@ class Daemon:
                 self.later.put(done.set)
                 done.wait(60)
                 conn.sendall(b"0 \n")
+                return
+            if len(parts) >= 2 and parts[0] == MAGIC and parts[1] == b"status":
+                conn.sendall(f"0 config={self.cfg_path} sha256={self.cfg_digest}\n".encode())
                 return
             if len(parts) < 2 or parts[0] != MAGIC or parts[1] not in (b"prolog", b"epilog") or not fds:
                 conn.sendall(f"{TEMPFAIL} bad request\n".encode())

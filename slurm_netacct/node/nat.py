@@ -31,6 +31,34 @@ def _netns_id() -> int:
     return os.stat("/proc/thread-self/ns/net").st_ino
 
 
+def prune_marks() -> list[str]:
+    """Remove the marks (node_mark, forwarding_mark) of node namespaces that no longer exist.
+
+    A node namespace of its own per slurmd (several on one host, or a test's) leaves its marks
+    behind when it is deleted; and as the kernel reuses a deleted namespace's inode, a
+    leftover mark could describe a new namespace. Run whenever a mark is written. The names
+    of the marks removed."""
+    try:
+        marks = [(p, naming.node_mark_inode(p.name)) for p in naming.RUN_DIR.glob("node-*")]
+    except OSError:
+        return []
+    if not marks:
+        return []
+    live = netns.live_netns_inodes()
+    live.add(_netns_id())
+    gone = []
+    for path, inode in marks:
+        if inode is not None and inode not in live:
+            try:
+                path.unlink()
+                gone.append(path.name)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                get_log().info("cannot remove the stale mark %s: %s", path, exc.strerror or exc)
+    return gone
+
+
 def enable_forwarding(ipv6: bool) -> None:
     """Forwarding on, for IPv4 (and IPv6 with an IPv6 pool), as every job's traffic needs it.
 
@@ -42,6 +70,7 @@ def enable_forwarding(ipv6: bool) -> None:
             get_log().warning("forwarding (%s) was %s on this node: turned on", FORWARDING[version], old)
             try:
                 naming.RUN_DIR.mkdir(parents=True, exist_ok=True)
+                prune_marks()
                 naming.forwarding_mark(_netns_id(), version).write_text(old)
             except OSError as exc:  # only the uninstall path needs it
                 get_log().error("cannot record that forwarding was %s: %s", old, exc.strerror or exc)
@@ -118,6 +147,7 @@ class NftNat:
             return
         for old in naming.RUN_DIR.glob(naming.node_marks_glob(_netns_id())):
             old.unlink(missing_ok=True)
+        prune_marks()
         nftlib.run(text)
         try:
             mark.parent.mkdir(parents=True, exist_ok=True)

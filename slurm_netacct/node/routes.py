@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-import shutil
-import subprocess
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,25 +23,19 @@ class Route:
 
 
 def slurm_nodes(scontrol: str | None = None) -> dict[str, str]:
-    """NodeName -> NodeAddr of every node SLURM knows (`scontrol -o show nodes`)."""
-    exe = scontrol or shutil.which("scontrol") or shutil.which("scontrol", path="/usr/bin:/usr/local/bin")
-    if exe is None:
-        raise SetupError("scontrol not found: give the nodes with --node NAME=ADDR")
-    try:
-        out = subprocess.run([exe, "-o", "show", "nodes"], capture_output=True, text=True,
-                             timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise SetupError(f"scontrol show nodes failed: {exc}") from None
-    nodes: dict[str, str] = {}
-    for line in out.splitlines():
-        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
-        if "NodeName" in fields:
-            nodes[fields["NodeName"]] = fields.get("NodeAddr") or fields["NodeName"]
-    return nodes
+    """NodeName -> NodeAddr of every node SLURM knows (`scontrol -o show nodes`); SetupError
+    carrying scontrol's own message if it cannot say (e.g. slurmctld is not up)."""
+    from .identity import slurm_node_list
+
+    return {n.name: n.addr for n in slurm_node_list(scontrol)}
 
 
-def plan(cfg: Config, nodes: dict[str, str], self_node: str | None) -> list[Route]:
+def plan(cfg: Config, nodes: dict[str, str], self_node: str | None,
+         local: Collection[ipaddress.IPv4Address | ipaddress.IPv6Address] = ()) -> list[Route]:
     """The routes this host needs: every other node's IPv4 job prefix via that node.
+
+    A node whose NodeAddr is one of `local` (this host's addresses) is this host, whatever
+    `self_node` says: a route to its own prefix through its own address would only loop.
 
     Every node, this one included, must have an index of its own: two names with the same
     trailing number (n1, n01), or a [routed.nodes] entry equal to another node's number,
@@ -65,6 +58,8 @@ def plan(cfg: Config, nodes: dict[str, str], self_node: str | None) -> list[Rout
             via = ipaddress.IPv4Address(nodes[name])
         except ValueError:
             raise SetupError(f"node {name}: NodeAddr {nodes[name]!r} is not an IPv4 address") from None
+        if via in local:
+            continue
         routes.append(Route(name, cfg.node_pools(name)[0], via))
     return routes
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from .. import naming
 from ..config import LedgerConfig
 from ..errors import StoreError
 from ..traffic import FIELDS
@@ -46,10 +47,10 @@ def _set_watermark(db: sqlite_utils.Database, key: str, value: int) -> None:
 
 
 _SELECT_JOBS = (f"SELECT {', '.join(chr(34) + c + chr(34) for c in ledger_mod.JOB_FIELDS)}, changed FROM jobs "
-                "WHERE changed > ? ORDER BY changed LIMIT ?")
+                f"WHERE changed > ? AND job_id != {naming.SELFTEST_JOB_ID} ORDER BY changed LIMIT ?")
 _SELECT_TRAFFIC = (f"SELECT t.job_id, t.node, t.restart, t.class, {', '.join('t.' + f for f in FIELDS)} "
                    "FROM traffic t JOIN jobs j ON j.job_id = t.job_id AND j.node = t.node AND j.restart = t.restart "
-                   "WHERE j.changed > ? AND j.changed <= ?")
+                   f"WHERE j.changed > ? AND j.changed <= ? AND j.job_id != {naming.SELFTEST_JOB_ID}")
 
 
 def _batch(db: sqlite_utils.Database, after: int, limit: int) -> tuple[list[tuple], list[tuple], int]:
