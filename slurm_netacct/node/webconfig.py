@@ -231,7 +231,9 @@ def _tls(tls: dict[str, Any], config: Path, now: datetime) -> tuple[ssl.SSLConte
     base = config.parent
     cert_file, key_file = _file(base, cert_s), _file(base, key_s)
     not_after = _check_certificate(cert_file, config, now)
-    _read(key_file, "key_file", config)  # a clear message for a missing or unreadable key
+    key_text = _read(key_file, "key_file", config)  # a clear message for a missing or unreadable key
+    if not re.search(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----", key_text):
+        raise WebConfigError(f"web config {config}: key_file {key_file} holds no PEM private key")
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     versions = {}
@@ -263,8 +265,9 @@ def _tls(tls: dict[str, Any], config: Path, now: datetime) -> tuple[ssl.SSLConte
         if "KEY_VALUES_MISMATCH" in str(exc):
             raise WebConfigError(f"web config {config}: key_file {key_file} is not the key of "
                                  f"cert_file {cert_file}") from None
+        why = exc.reason or re.sub(r"^\[\w+\] | \(_ssl\.c:\d+\)$", "", str(exc))
         raise WebConfigError(f"web config {config}: cannot load cert_file {cert_file} with key_file "
-                             f"{key_file}: {exc.reason or exc}") from None
+                             f"{key_file}: {why}") from None
     except OSError as exc:
         raise WebConfigError(f"web config {config}: cannot load cert_file {cert_file} with key_file "
                              f"{key_file}: {exc.strerror or exc}") from None
