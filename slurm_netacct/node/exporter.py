@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import socketserver
 import ssl
 import sys
 import tempfile
@@ -162,6 +163,14 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
         self.web = web
         super().__init__(address, _Handler)
         self.set_app(self._guard(app))
+
+    def server_bind(self) -> None:
+        """Bind without HTTPServer's reverse DNS lookup of the address (socket.getfqdn), which
+        waits for the resolver's timeout on a node whose DNS does not answer for it."""
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), port
+        self.setup_environ()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         web = self.web
