@@ -491,3 +491,15 @@ def test_client_certificates_or_an_explicit_flag_beyond_loopback(bpf_node: Node,
         r = _scrape(bpf_node, url, "--ca", str(certs.ca))  # no client certificate: no TLS session
         assert "error" in r and "status" not in r, r
     bpf_node.epilog(job)
+
+
+def test_the_example_web_config_loads_once_its_placeholders_are_filled_in(certs: Certs, tmp_path: Path) -> None:
+    example = (ROOT / "contrib" / "web-config.yml.example").read_text()
+    as_shipped = _web(tmp_path / "shipped.yml", example.replace("/etc/slurm/netacct-exporter.crt", str(certs.srv_crt))
+                      .replace("/etc/slurm/netacct-exporter.key", str(certs.srv_key)))
+    with pytest.raises(WebConfigError, match="the password of 'prometheus' is not a bcrypt hash"):
+        webconfig.load(as_shipped)  # the placeholder is refused: no site runs with a known password
+    filled = _web(tmp_path / "filled.yml", as_shipped.read_text().replace("REPLACE-WITH-A-BCRYPT-HASH", _hash(PASSWORD)))
+    web = webconfig.load(filled)
+    assert web.tls is not None and list(web.users) == ["prometheus"]
+    exporter.check_exposure("0.0.0.0", web, insecure=False)
