@@ -305,7 +305,7 @@ def _cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_command_refuses_to_listen_beyond_loopback_without_being_told(certs: Certs, tmp_path: Path) -> None:
-    for listen, shown in (("9835", "0.0.0.0"), ("0.0.0.0:9835", "0.0.0.0"), ("[::]:9835", "[::]")):
+    for listen, shown in (("9835", "0.0.0.0"), ("[::]:9835", "[::]")):
         r = _cli(tmp_path, "--listen", listen)
         assert (r.returncode, r.stdout) == (2, "")
         assert r.stderr == (f"netacct-exporter: refusing to serve every running job's user and account on {shown}, "
@@ -319,7 +319,10 @@ def test_the_command_refuses_to_listen_beyond_loopback_without_being_told(certs:
 
 
 def test_the_command_exits_3_on_a_bad_web_config_before_listening(certs: Certs, tmp_path: Path) -> None:
-    for i, (data, msg) in enumerate(_bad_cases(certs)[::4]):
+    picked = ("not valid YAML", "Is a directory", "is not the key of")  # (the library test has them all)
+    cases = [(data, msg) for data, msg in _bad_cases(certs) if any(p in msg for p in picked)]
+    assert len(cases) == len(picked)
+    for i, (data, msg) in enumerate(cases):
         path = _web(tmp_path / f"bad{i}.yml", data)
         r = _cli(tmp_path, "--listen", "127.0.0.1:0", "--web-config", str(path))
         assert (r.returncode, r.stdout, r.stderr) == (3, "", f"netacct-exporter: web config {path}: {one_line(msg)}\n")
