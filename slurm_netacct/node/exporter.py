@@ -1,4 +1,4 @@
-"""Prometheus export of running jobs' live counters: a node_exporter textfile, or /metrics."""
+"""Prometheus export of running jobs' live counters: a node_exporter textfile, or /metrics over HTTP(S)."""
 
 from __future__ import annotations
 
