@@ -463,6 +463,9 @@ def test_scrapes_over_the_lan_with_and_without_credentials(bpf_node: Node, certs
     assert "scrape from 10.77.0.10 refused: no credentials" in log
     assert "scrape from 10.77.0.10 refused: unknown user 'root'" in log
     assert "plain HTTP on the HTTPS port" in log
+    # the test certificate is valid for 2 days: the start and the reload warn that it expires soon
+    assert len(re.findall(rf"WARNING web config {web}: the certificate expires on [-0-9: ]+ UTC, in 1 day: "
+                          r"renew it, then reload \(SIGHUP\)", log)) == 2
     for secret in (PASSWORD, "new password", "wrong"):
         assert secret not in log.replace("wrong password for", "")
     bpf_node.epilog(job)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from .. import config as config_mod
@@ -63,6 +64,7 @@ def _body(args: argparse.Namespace) -> None:
         return
     web = webconfig.load(args.web_config) if args.web_config is not None else None
     exporter.check_exposure(listen[0], web, args.insecure_listen)
+    _warn_expiry(web)
     stop, reload = threading.Event(), threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -102,6 +104,22 @@ def _reload(server: exporter.MetricsServer, path: Path | None, addr: str, insecu
         return
     server.web = web
     log.get().info("web config %s reloaded", path)
+    _warn_expiry(web)
+
+
+EXPIRY_WARNING = timedelta(days=14)
+
+
+def _warn_expiry(web: webconfig.WebConfig | None) -> None:
+    """A warning in the log when the server certificate expires within EXPIRY_WARNING (renew
+    it, then SIGHUP): scrapes fail once it has expired."""
+    if web is None or web.cert_not_after is None:
+        return
+    left = web.cert_not_after - datetime.now(UTC)
+    if left < EXPIRY_WARNING:
+        days = f"{left.days} day{'' if left.days == 1 else 's'}"
+        log.get().warning("web config %s: the certificate expires on %s UTC, in %s: renew it, then "
+                          "reload (SIGHUP)", web.path, web.cert_not_after.strftime("%Y-%m-%d %H:%M:%S"), days)
 
 
 COMMAND = Command("netacct-exporter",
