@@ -253,7 +253,7 @@ def _top_chart(st: Statement) -> str:
                      f'y="{y + 2}" width="{bw:.6f}" height="{row - 6}" fill="{_color(0)}">'
                      f'<title>job {j.job_id}: {_cost(st.rates, cost)}{cur}</title></rect>'
                      f'<text class="cost" x="{left + bw + 6:.3f}" y="{y + 15}">{_cost(st.rates, cost)}{cur} '
-                     f'· {escape(j.user or "")} ({escape(j.account or "(none)")})</text>')
+                     f'· {escape(j.user or "")} · {escape(j.account or "(none)")}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
