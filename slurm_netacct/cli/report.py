@@ -7,7 +7,7 @@ import contextlib
 import os
 import tempfile
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -286,12 +286,12 @@ def _body(args: argparse.Namespace) -> None:
         return
     classes, rates, cols = shape
     notes = Notes()
-    if files is not None:
+    if files is not None:  # one pass: the groups and the dearest jobs (ended jobs: no live counters)
         assert rates is not None
-        names = ", ".join(p.name for p in sources)
-        _statement(files, args.overwrite, query, rates, classes, f"node databases {names}", notes,
-                   lambda by, n: aggregate_parallel(sources, query, classes, by, rates, notes=n),
-                   lambda: iter_jobs(sources, query, classes))
+        top = statement.TopJobs(rates)
+        fine = aggregate(top.watch(iter_jobs(sources, query, classes, notes)), statement.KEYS)
+        _statement(files, args.overwrite, query, rates, classes,
+                   f"node databases {', '.join(p.name for p in sources)}", notes, fine, top)
         return
     records = _live_overlay(cfg, iter_jobs(sources, query, classes, notes))
     if group_by:
@@ -337,11 +337,14 @@ def _from_ledger(args: argparse.Namespace, cfg: config_mod.Config, who: str | No
             return
         classes, rates, cols = shape
         notes = Notes()
-        if files is not None:
+        if files is not None:  # the server sums; the dearest jobs come from its per-job rows
             assert rates is not None
+            fine = src.aggregate(query, classes, statement.KEYS, None, notes)
+            top = statement.TopJobs(rates)
+            for _ in top.watch(src.iter_jobs(query, classes, Notes())):
+                pass
             _statement(files, args.overwrite, query, rates, classes, f"the cluster ledger, cluster {cluster}", notes,
-                       lambda by, n: src.aggregate(query, classes, by, rates, n if n is not None else Notes()),
-                       lambda: src.iter_jobs(query, classes, Notes()))
+                       fine, top)
             return
         if group_by:
             _write_groups(args, src.aggregate(query, classes, group_by, rates, notes), group_by, cols, rates)
@@ -364,20 +367,11 @@ def _output_shape(args: argparse.Namespace, cfg: config_mod.Config, classes: lis
     return classes, rates, render.columns(args.format, classes, group_by, rates)
 
 
-def _statement(files: list[tuple[Path, str]], overwrite: bool, query: Query, rates: Rates, classes: list[str], source: str,
-               notes: Notes, groups: Callable[[tuple[str, ...], Notes | None], list[Group]],
-               jobs: Callable[[], Iterator[JobRecord]]) -> None:
-    """Build the statement from the report's aggregation (notes: from the first grouping only, so
-    nothing is counted twice) and write each file, whole or not at all."""
-    first = [True]
-
-    def grouped(by: tuple[str, ...]) -> list[Group]:
-        n = notes if first[0] else None
-        first[0] = False
-        return groups(by, n)
-
+def _statement(files: list[tuple[Path, str]], overwrite: bool, query: Query, rates: Rates, classes: list[str],
+               source: str, notes: Notes, fine: list[Group], top: statement.TopJobs) -> None:
+    """Build the statement and write each file; all of them or none."""
     generated = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-    st = statement.build(grouped, jobs(), rates, classes, query.start, query.end, generated, source)
+    st = statement.build(fine, top.jobs, rates, classes, query.start, query.end, generated, source)
     st.notes = notes.lines()
     texts = [(path, statement.to_html(st) if kind == "html" else statement.to_csv(st)) for path, kind in files]
     written: list[Path] = []

@@ -1,9 +1,11 @@
 """A billing statement (netacct-report --statement): per account and user, as self-contained HTML or CSV.
 
-The figures come from the report's own aggregation (aggregate.py, or the ledger's), so each
-one equals what `netacct-report -P` prints for the same selection: an account's row is the
-row of `--group-by account`, a user's the row of `--group-by account,user`, a day's bar the
-row of `--group-by day`, a job's cost the Cost of the per-job listing with `--rates`. Costs
+The figures come from the report's own aggregation (aggregate.py, or the ledger's), in one
+pass: groups by account, user and day, summed into coarser ones (aggregate.regroup), while the
+dearest jobs are noted as the records go by. So each equals what `netacct-report -P` prints for
+the same selection: an account's row is the row of `--group-by account`, a user's the row of
+`--group-by account,user`, a day's bars the row of `--group-by day`, a job's cost the Cost of
+the per-job listing with `--rates`. Costs
 follow the report's rounding rule: each row priced exactly and rounded once; the statement's
 total is the sum of the account costs. The HTML needs nothing from outside: inline CSS, inline
 SVG charts, no script.
@@ -14,13 +16,13 @@ from __future__ import annotations
 import csv
 import heapq
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import Decimal
 from html import escape
 
-from .aggregate import Group
+from .aggregate import Group, regroup
 from .rates import UNITS, Rates
 from .records import JobRecord
 
@@ -62,20 +64,39 @@ class Statement:
         return sum(a.jobs for a in self.accounts)
 
 
-def build(groups: Callable[[tuple[str, ...]], list[Group]], jobs: Iterable[JobRecord], rates: Rates,
-          classes: list[str], start: str | None, end: str | None, generated: str, source: str,
-          top: int = TOP_JOBS) -> Statement:
-    """A statement from the report's aggregation (`groups(by)`) and its priced job records."""
-    priced = []
-    for rec in jobs:
-        rec.cost = rates.cost(rec.traffic)
-        priced.append((rec.cost, sum(rec.vec[0::4]) + sum(rec.vec[1::4]), rec))
-        if len(priced) > 4 * top:  # keep memory flat: only the dearest can make the list
-            priced = heapq.nsmallest(top, priced, key=_dearest)
-    top_jobs = [p[2] for p in heapq.nsmallest(top, priced, key=_dearest)]
+KEYS = ("account", "user", "day")  # the statement's groups: each a sum of these finer ones
+
+
+class TopJobs:
+    """The dearest jobs of a stream of job records, found while the records pass on."""
+
+    def __init__(self, rates: Rates, top: int = TOP_JOBS) -> None:
+        self.rates = rates
+        self.top = top
+        self._kept: list[tuple[Decimal, int, JobRecord]] = []
+
+    def watch(self, records: Iterable[JobRecord]) -> Iterator[JobRecord]:
+        """Each record, priced (its `cost` set), after noting it; memory stays flat."""
+        for rec in records:
+            rec.cost = self.rates.cost(rec.traffic)
+            self._kept.append((rec.cost, sum(rec.vec[0::4]) + sum(rec.vec[1::4]), rec))
+            if len(self._kept) > 4 * self.top:  # only the dearest can make the list
+                self._kept = heapq.nsmallest(self.top, self._kept, key=_dearest)
+            yield rec
+
+    @property
+    def jobs(self) -> list[JobRecord]:
+        """The dearest first (then the most bytes, then the lowest job id)."""
+        return [k[2] for k in heapq.nsmallest(self.top, self._kept, key=_dearest)]
+
+
+def build(fine: list[Group], top_jobs: list[JobRecord], rates: Rates, classes: list[str], start: str | None,
+          end: str | None, generated: str, source: str) -> Statement:
+    """A statement from the report's groups by KEYS (aggregate.aggregate's or the ledger's) and
+    the dearest jobs: accounts, users and days are their sums (aggregate.regroup)."""
     return Statement(classes=classes, rates=rates, start=start, end=end, generated=generated, source=source,
-                     accounts=groups(("account",)), users=groups(("account", "user")), days=groups(("day",)),
-                     top_jobs=top_jobs)
+                     accounts=regroup(fine, (0,), rates), users=regroup(fine, (0, 1), rates),
+                     days=regroup(fine, (2,), rates), top_jobs=top_jobs)
 
 
 def _dearest(p: tuple[Decimal, int, JobRecord]) -> tuple[Decimal, int, int]:
