@@ -207,14 +207,20 @@ def _umask() -> int:
     return m
 
 
-def test_empty_period(env: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    out = tmp_path / "empty.csv"
+def test_empty_period(env: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path, browser: object) -> None:
+    out, page = tmp_path / "empty.csv", tmp_path / "empty.html"
     rc, _, err = run(capsys, "--db-dir", str(env / "nodes"), "--rates", str(env / "rates.toml"),
-                     "-S", "2027-01-01", "-E", "2027-01-31T23:59:59", "--statement", str(out),
-                     "--statement", str(tmp_path / "empty.html"))
+                     "-S", "2027-01-01", "-E", "2027-01-31T23:59:59", "--statement", str(out), "--statement", str(page))
     assert rc == 0 and "1 running jobs are not billed" in err  # job 902 still runs
     assert out.read_bytes().decode().splitlines()[1:] == [
         "2027-01-01T00:00:00Z,2027-01-31T23:59:59Z,total,,,0,0,0,0,0,0.00,EUR"]
+    browser.get(page.as_uri())  # type: ignore[attr-defined]
+    js = browser.execute_script  # type: ignore[attr-defined]
+    assert js("return document.getElementById('total').innerText") == "Total: 0.00 EUR for 0 jobs"
+    assert _table(browser, "table.accounts")[1:] == [["Total", "0", "0", "0", "0", "0", "0.00"]]
+    assert js("return document.querySelectorAll('svg.daily rect.bar, svg.top, section.account').length") == 0
+    assert js("return document.querySelectorAll('svg.daily text.day').length") == 31  # the empty days are drawn
+    assert "No jobs." in js("return document.body.innerText")
 
 
 # In the browser ------------------------------------------------------------------------------
@@ -263,6 +269,7 @@ def test_html_in_a_browser_shows_the_same_numbers(env: Path, capsys: pytest.Capt
     assert js("return document.getElementById('total-cost').innerText") == exp.total_cost
     assert js("return document.getElementById('total-jobs').innerText") == "150"
     assert "2026-11-01T00:00:00Z to 2026-11-30T23:59:59Z" in js("return document.getElementById('period').innerText")
+    assert js("return document.getElementById('source').innerText").startswith("From node databases n1.db, n2.db; made ")
 
     # The accounts table: its rendered text equals the sums of the -P rows.
     head, *body = _table(drv, "table.accounts")

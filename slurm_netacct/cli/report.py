@@ -291,7 +291,7 @@ def _body(args: argparse.Namespace) -> None:
         top = statement.TopJobs(rates)
         fine = aggregate(top.watch(iter_jobs(sources, query, classes, notes)), statement.KEYS)
         _statement(files, args.overwrite, query, rates, classes,
-                   f"node databases {', '.join(p.name for p in sources)}", notes, fine, top)
+                   _sources_text(sources), notes, fine, top)
         return
     records = _live_overlay(cfg, iter_jobs(sources, query, classes, notes))
     if group_by:
@@ -365,6 +365,14 @@ def _output_shape(args: argparse.Namespace, cfg: config_mod.Config, classes: lis
         print(" ".join(render.available(classes, group_by, rates)))
         return None
     return classes, rates, render.columns(args.format, classes, group_by, rates)
+
+
+def _sources_text(sources: list[Path]) -> str:
+    """The node databases a statement was made from, for its reader (the first and last of many)."""
+    names = [p.name for p in sources]
+    if len(names) > 4:
+        return f"{len(names)} node databases ({names[0]} ... {names[-1]})"
+    return f"node database{'s' if len(names) > 1 else ''} {', '.join(names)}"
 
 
 def _statement(files: list[tuple[Path, str]], overwrite: bool, query: Query, rates: Rates, classes: list[str],

@@ -192,10 +192,10 @@ def _group_table(st: Statement, rows: list[Group], name: str, key: Callable[[Gro
     out = [f'<table class="{css}"><thead><tr><th>{name}</th><th class="n">Jobs</th>{_traffic_head(st.classes)}'
            f'<th class="n">Cost{cur}</th></tr></thead><tbody>']
     for g in rows:
-        out.append(f'<tr><td>{escape(key(g))}</td><td class="n">{g.jobs}</td>{_traffic_cells(g.vec, st.classes)}'
+        out.append(f'<tr><td>{escape(key(g))}</td><td class="n">{g.jobs:,}</td>{_traffic_cells(g.vec, st.classes)}'
                    f'<td class="n">{_cost(st.rates, g.cost)}</td></tr>')
     jobs, vec, cost = total
-    out.append(f'<tr class="total"><td>{total_label}</td><td class="n">{jobs}</td>{_traffic_cells(vec, st.classes)}'
+    out.append(f'<tr class="total"><td>{total_label}</td><td class="n">{jobs:,}</td>{_traffic_cells(vec, st.classes)}'
                f'<td class="n">{_cost(st.rates, cost)}</td></tr></tbody></table>')
     return "".join(out)
 
@@ -324,7 +324,7 @@ def to_html(st: Statement) -> str:
         f'<p class="meta" id="period">Jobs that ended from {period}</p>',
         f'<p class="meta" id="source">From {escape(st.source)}; made {escape(st.generated)}</p>',
         f'<p class="big" id="total">Total: <span id="total-cost">{_cost(st.rates, st.total_cost)}</span> {cur} '
-        f'for <span id="total-jobs">{st.jobs}</span> jobs</p>',
+        f'for <span id="total-jobs">{st.jobs:,}</span> jobs</p>',
         notes,
         "<h2>Accounts</h2>",
         _group_table(st, st.accounts, "Account", lambda g: g.key[0], "Total", total, "accounts"),
