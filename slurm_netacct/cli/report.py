@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import tempfile
 import sys
+import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -225,7 +225,7 @@ def _statement_files(args: argparse.Namespace) -> list[tuple[Path, str]]:
 def _check_writable(path: Path, overwrite: bool) -> None:
     """UsageError unless `path` can be written: its directory exists and is writable, and it does
     not exist (or, with --overwrite, is a regular file)."""
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise UsageError(f"--statement {path}: the file exists (give --overwrite to replace it)")
@@ -240,7 +240,7 @@ def _check_writable(path: Path, overwrite: bool) -> None:
 def _write_whole(path: Path, text: str, overwrite: bool) -> None:
     """Write `text` to `path` whole or not at all: a temporary file in the same directory, then
     renamed over it (--overwrite) or linked to the name, which fails if the name was taken since."""
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         umask = os.umask(0)
@@ -377,7 +377,8 @@ def _sources_text(sources: list[Path]) -> str:
 
 def _statement(files: list[tuple[Path, str]], overwrite: bool, query: Query, rates: Rates, classes: list[str],
                source: str, notes: Notes, fine: list[Group], top: statement.TopJobs) -> None:
-    """Build the statement and write each file; all of them or none."""
+    """Build the statement and write its files: all or, should one fail, none of the new ones (a
+    file replaced with --overwrite before the failure stays replaced)."""
     generated = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
     st = statement.build(fine, top.jobs, rates, classes, query.start, query.end, generated, source)
     st.notes = notes.lines()
