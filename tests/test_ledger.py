@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -672,6 +673,26 @@ def test_private_data_from_the_ledger(shipped: tuple[Env, list[Path], Path]) -> 
     with pytest.raises(MySQLdb.OperationalError, match="denied"):
         conn.cursor().execute("UPDATE jobs SET user = 'x'")
     conn.close()
+
+
+def test_statement_from_the_ledger_equals_the_one_from_node_databases(shipped: tuple[Env, list[Path], Path],
+                                                                      tmp_path: Path) -> None:
+    """--statement reads the ledger through the same aggregation as -P: the same CSV, byte for
+    byte, and the same page but for the line that names the source and the time it was made."""
+    e, paths, cfg = shipped
+    out: dict[str, dict[str, str]] = {}
+    for name, source in (("nodes", ["--db-dir", str(paths[0].parent)]), ("ledger", ["--ledger"])):
+        files = [tmp_path / f"{name}.csv", tmp_path / f"{name}.html"]
+        rc, stdout, err = run_report([*WINDOW, *source, "--rates", str(e.tmp / "rates.toml"),
+                                      *[a for f in files for a in ("--statement", str(f))]], cfg)
+        assert (rc, stdout) == (0, ""), err
+        out[name] = {f.suffix: f.read_text() for f in files}
+        out[name]["err"] = err
+    assert out["ledger"][".csv"] == out["nodes"][".csv"] and out["ledger"]["err"] == out["nodes"]["err"]
+    assert out["nodes"][".csv"].count("\n") > 10
+    strip = lambda html: re.sub(r'<p class="meta" id="source">.*?</p>', "", html)  # noqa: E731
+    assert strip(out["ledger"][".html"]) == strip(out["nodes"][".html"])
+    assert 'id="source">From the cluster ledger, cluster alpha;' in out["ledger"][".html"]
 
 
 FUZZ = ["'", "\\", "a' OR '1'='1", "%", "_", "alice\x00", "😀", "x" * 300, "n1;DROP TABLE jobs", "",

@@ -432,6 +432,8 @@ def _argv_strategy(paths: dict[str, str], hostile: st.SearchStrategy[str]) -> st
         "--group-by": _csv_of(["user", "account", "partition", "node", "day", "month"]),
         "--rates": _mostly([paths["rates"], paths["rates"], paths["bad-rates"], paths["binary"], paths["tmp"],
                             paths["missing"], paths["null"]]),
+        "--statement": _mostly([paths["tmp"] + "/s.html", paths["tmp"] + "/s.csv", paths["tmp"] + "/s.pdf",
+                                paths["missing"] + "/s.csv", paths["dir"]]),
         "--db": _mostly(sorted(paths.values())),
         "--db-dir": _mostly([paths["dir"], paths["odd-dir"], paths["tmp"], paths["n1"], paths["missing"]]),
     }
@@ -446,7 +448,7 @@ def _argv_strategy(paths: dict[str, str], hostile: st.SearchStrategy[str]) -> st
     with_value = st.sampled_from(sorted(values)).flatmap(
         lambda flag: values[flag].flatmap(lambda value: spellings(flag, value)))
     switches = st.sampled_from(["-a", "-p", "-P", "-n", "--json", "--csv", "--per-node", "--helpformat", "--allusers",
-                                "--parsable2", "--noheader", "-pn", "--gr", "--db-d", "--", "-h"]).map(lambda s: [s])
+                                "--parsable2", "--noheader", "-pn", "--gr", "--db-d", "--", "-h", "--overwrite"]).map(lambda s: [s])
     part = st.one_of(with_value, with_value, switches)
     stray = st.one_of(st.just([]), st.just([]), st.just([]), hostile.map(lambda s: [s]))  # a stray word, at times
     source = st.sampled_from([["--db-dir", paths["dir"]], ["--db", paths["n1"], "--db", paths["n2"]], []])

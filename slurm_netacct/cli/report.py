@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from .. import config as config_mod
 from ..errors import ConfigError, NetacctError, NotAllowedError, UsageError
-from ..report import access, render, timeparse
+from ..report import access, render, statement, timeparse
 from ..report.aggregate import GROUP_BY, Group, aggregate, aggregate_parallel
 from ..report.rates import Rates
 from ..report.rates import load as load_rates
@@ -66,6 +68,12 @@ def _arguments(p: Parser) -> None:
                      help="totals per user, account, partition, node, day or month (of the job's "
                           "end, UTC); several keys, e.g. account,month")
     agg.add_argument("--rates", metavar="FILE", type=Path, help="TOML prices per GB: adds a Cost column and a total")
+    agg.add_argument("--statement", metavar="FILE", action="append", type=Path,
+                     help="write a billing statement of the window to FILE instead of printing rows (needs "
+                          "--rates): per account, then per user, the traffic per class and direction, costs and "
+                          "totals; FILE.html: a self-contained page with charts, FILE.csv: for a finance system; "
+                          "repeatable (both from one selection)")
+    agg.add_argument("--overwrite", action="store_true", help="--statement may replace an existing FILE")
     src = p.add_argument_group("sources")
     src.add_argument("--db", metavar="PATH", action="append", type=Path,
                      help="a node database (repeatable); default: the configured db")
@@ -200,7 +208,76 @@ def _sources(args: argparse.Namespace, cfg: config_mod.Config) -> list[Path]:
     return read.unique_sources(paths or [cfg.db_for(_this_node(cfg))])
 
 
+_NOT_WITH_STATEMENT = (("parsable", "-p"), ("parsable2", "-P"), ("json", "--json"), ("csv", "--csv"),
+                       ("format", "-o/--format"), ("helpformat", "--helpformat"), ("noheader", "-n/--noheader"),
+                       ("units", "--units"), ("per_node", "--per-node"), ("group_by", "--group-by"))
+
+
+def _statement_files(args: argparse.Namespace) -> list[tuple[Path, str]]:
+    """--statement's files and their kinds ("html", "csv"); UsageError before any work is done
+    for a flag it cannot be used with, a suffix it does not know, or a file it cannot write."""
+    for dest, flag in _NOT_WITH_STATEMENT:
+        if getattr(args, dest):
+            raise UsageError(f"--statement writes its own format: not with {flag}")
+    if args.rates is None:
+        raise UsageError("--statement needs --rates FILE (a statement prices the traffic)")
+    files: list[tuple[Path, str]] = []
+    for path in args.statement:
+        kind = {".html": "html", ".htm": "html", ".csv": "csv"}.get(path.suffix.lower())
+        if kind is None:
+            raise UsageError(f"--statement {path}: the name must end in .html or .csv (the format)")
+        if any(os.path.abspath(path) == os.path.abspath(p) for p, _ in files):
+            raise UsageError(f"--statement {path}: given twice")
+        _check_writable(path, args.overwrite)
+        files.append((path, kind))
+    return files
+
+
+def _check_writable(path: Path, overwrite: bool) -> None:
+    """UsageError unless `path` can be written: its directory exists and is writable, and it does
+    not exist (or, with --overwrite, is a regular file)."""
+    parent = path.parent
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise UsageError(f"--statement {path}: the file exists (give --overwrite to replace it)")
+        if not path.is_file():
+            raise UsageError(f"--statement {path}: not a regular file")
+    if not parent.is_dir():
+        raise UsageError(f"--statement {path}: no such directory {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--statement {path}: the directory {parent} is not writable")
+
+
+def _write_whole(path: Path, text: str, overwrite: bool) -> None:
+    """Write `text` to `path` whole or not at all: a temporary file in the same directory, then
+    renamed over it (--overwrite) or linked to the name, which fails if the name was taken since."""
+    parent = path.parent
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as an ordinary new file (mkstemp makes it 0600)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    except FileExistsError:
+        raise UsageError(f"--statement {path}: the file exists (give --overwrite to replace it)") from None
+    except OSError as exc:
+        raise UsageError(f"--statement {path}: cannot write it ({exc.strerror})") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def _body(args: argparse.Namespace) -> None:
+    if args.overwrite and not args.statement:
+        raise UsageError("--overwrite is for --statement")
+    files = _statement_files(args) if args.statement else None
     if len([m for m in ("parsable", "parsable2", "json", "csv") if getattr(args, m)]) > 1:
         raise UsageError("choose one of -p, -P, --json, --csv")
     if args.json and args.units:
@@ -210,7 +287,7 @@ def _body(args: argparse.Namespace) -> None:
     who = access.private_viewer(cfg)
     query = build_query(args, who, billing=bool(group_by) or args.rates is not None)
     if args.ledger or args.clusters is not None:
-        _from_ledger(args, cfg, who, query, group_by)
+        _from_ledger(args, cfg, who, query, group_by, files)
         return
     sources = _sources(args, cfg)
     access.check_jobs(who, query.job_ids, sources)
@@ -220,6 +297,13 @@ def _body(args: argparse.Namespace) -> None:
         return
     classes, rates, cols = shape
     notes = Notes()
+    if files is not None:  # one pass: the groups and the dearest jobs (ended jobs: no live counters)
+        assert rates is not None
+        top = statement.TopJobs(rates)
+        fine = aggregate(top.watch(iter_jobs(sources, query, classes, notes)), statement.KEYS)
+        _statement(files, args.overwrite, query, rates, classes,
+                   _sources_text(sources), notes, fine, top)
+        return
     records = _live_overlay(cfg, iter_jobs(sources, query, classes, notes))
     if group_by:
         if _is_local_only(cfg, sources):
@@ -235,7 +319,7 @@ def _body(args: argparse.Namespace) -> None:
 
 
 def _from_ledger(args: argparse.Namespace, cfg: config_mod.Config, who: str | None, query: Query,
-                 group_by: tuple[str, ...] | None) -> None:
+                 group_by: tuple[str, ...] | None, files: list[tuple[Path, str]] | None = None) -> None:
     """The report from the cluster ledger: same flags, same output, the server selects and sums."""
     from ..report.ledger import LedgerSource
     from ..store import ledger
@@ -264,6 +348,15 @@ def _from_ledger(args: argparse.Namespace, cfg: config_mod.Config, who: str | No
             return
         classes, rates, cols = shape
         notes = Notes()
+        if files is not None:  # the server sums; the dearest jobs come from its per-job rows
+            assert rates is not None
+            fine = src.aggregate(query, classes, statement.KEYS, None, notes)
+            top = statement.TopJobs(rates)
+            for _ in top.watch(src.iter_jobs(query, classes, Notes())):
+                pass
+            _statement(files, args.overwrite, query, rates, classes, f"the cluster ledger, cluster {cluster}", notes,
+                       fine, top)
+            return
         if group_by:
             _write_groups(args, src.aggregate(query, classes, group_by, rates, notes), group_by, cols, rates)
         else:
@@ -283,6 +376,36 @@ def _output_shape(args: argparse.Namespace, cfg: config_mod.Config, classes: lis
         print(" ".join(render.available(classes, group_by, rates)))
         return None
     return classes, rates, render.columns(args.format, classes, group_by, rates)
+
+
+def _sources_text(sources: list[Path]) -> str:
+    """The node databases a statement was made from, for its reader (the first and last of many)."""
+    names = [p.name for p in sources]
+    if len(names) > 4:
+        return f"{len(names)} node databases ({names[0]} ... {names[-1]})"
+    return f"node database{'s' if len(names) > 1 else ''} {', '.join(names)}"
+
+
+def _statement(files: list[tuple[Path, str]], overwrite: bool, query: Query, rates: Rates, classes: list[str],
+               source: str, notes: Notes, fine: list[Group], top: statement.TopJobs) -> None:
+    """Build the statement and write its files: all or, should one fail, none of the new ones (a
+    file replaced with --overwrite before the failure stays replaced)."""
+    generated = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    st = statement.build(fine, top.jobs, rates, classes, query.start, query.end, generated, source)
+    st.notes = notes.lines()
+    texts = [(path, statement.to_html(st) if kind == "html" else statement.to_csv(st)) for path, kind in files]
+    written: list[Path] = []
+    try:
+        for path, text in texts:
+            _write_whole(path, text, overwrite)
+            written.append(path)
+    except UsageError:
+        if not overwrite:  # all or none: remove the new files of this run
+            for path in written:
+                path.unlink(missing_ok=True)
+        raise
+    for line in notes.lines():
+        COMMAND.complain(line)
 
 
 def _write_groups(args: argparse.Namespace, groups: list[Group], group_by: tuple[str, ...],

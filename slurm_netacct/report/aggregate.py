@@ -65,6 +65,26 @@ def aggregate(records: Iterable[JobRecord], by: tuple[str, ...], rates: Rates | 
     return [groups[k] for k in sorted(groups)]
 
 
+def regroup(groups: Iterable[Group], keep: tuple[int, ...], rates: Rates | None = None) -> list[Group]:
+    """Totals of coarser groups from finer ones: those of the key positions `keep` of each key.
+
+    For groups without the `node` key every job is in exactly one of them, so the jobs and the
+    traffic of the coarser groups add up exactly to what aggregate() gives for those keys; their
+    costs are priced afresh (each group's traffic rounded once)."""
+    out: dict[tuple[str, ...], Group] = {}
+    for fine in groups:
+        key = tuple(fine.key[i] for i in keep)
+        g = out.get(key)
+        if g is None:
+            g = out[key] = Group(key, fine.classes)
+        g.jobs += fine.jobs
+        g.vec = list(map(operator.add, g.vec, fine.vec))
+    if rates is not None:
+        for g in out.values():
+            g.cost = rates.cost(g.traffic)
+    return [out[k] for k in sorted(out)]
+
+
 def _aggregate_part(args: tuple[list[Path], Query, list[str], tuple[str, ...]]
                     ) -> tuple[list[tuple[tuple[str, ...], int, list[int]]], Notes]:
     sources, query, classes, by = args
