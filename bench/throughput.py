@@ -61,14 +61,24 @@ def measure(argv_prefix: list[str], seconds: int, reps: int) -> float:
     return statistics.median(iperf(argv_prefix, seconds) for _ in range(reps))
 
 
-def alternating(prefixes: list[list[str]], seconds: int, reps: int) -> list[float]:
-    """Medians of each prefix's runs, measured in turn (a, b, c, a, b, c, ...): slow drifts of
-    a shared machine hit all alike."""
+def alternating_runs(prefixes: list[list[str]], seconds: int, reps: int) -> list[list[float]]:
+    """Each prefix's runs, measured in turn (a, b, c, a, b, c, ...): slow drifts of a shared
+    machine hit all alike."""
     runs: list[list[float]] = [[] for _ in prefixes]
     for _ in range(reps):
         for i, prefix in enumerate(prefixes):
             runs[i].append(iperf(prefix, seconds))
-    return [statistics.median(r) for r in runs]
+    return runs
+
+
+def alternating(prefixes: list[list[str]], seconds: int, reps: int) -> list[float]:
+    """Medians of each prefix's runs, measured in turn."""
+    return [statistics.median(r) for r in alternating_runs(prefixes, seconds, reps)]
+
+
+def paired(runs: dict[str, list[float]], name: str) -> float:
+    """Median over the rounds of name's run ÷ the bare run just before it (the same round)."""
+    return statistics.median(j / b for j, b in zip(runs[name], runs["bare"]))
 
 
 def main() -> int:
@@ -106,6 +116,7 @@ def main() -> int:
     time.sleep(0.3)
     results: dict[str, dict[str, float]] = {}
     side: dict[str, float] = {}
+    side_runs: dict[str, list[float]] = {}
     try:
         cfgs: dict[str, Path] = {}
         for backend in backends:
@@ -119,6 +130,7 @@ def main() -> int:
                             f'bpffs = "{topo.bpffs}"\n{how}{cgroup}')
         in_node(topo, work, "side", lambda: side_by_side(cfgs, args))
         side = json.loads((work / "side.json").read_text())
+        side_runs = json.loads((work / "side-runs.json").read_text())
         for backend, cfgp in (cfgs.items() if args.jobs else ()):
             results[backend] = in_node(topo, work, backend, functools.partial(run_backend, cfgp, args))
     finally:
@@ -132,12 +144,16 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)  # configs, logs and databases of this run
     n = args.jobs
     print()
-    print("| side by side | " + " | ".join(side) + " | " + " | ".join(f"{k} ÷ bare" for k in side if k != "bare") + " |")
+    jobs = [k for k in side if k != "bare"]
+    print("| side by side | " + " | ".join(side) + " | " + " | ".join(f"{k} ÷ bare (paired)" for k in jobs) + " |")
     print("|---|" + "---|" * (2 * len(side) - 1))
     print(f"| Gbit/s (medians of {args.reps}) | " + " | ".join(f"{v / 1e9:.2f}" for v in side.values()) + " | "
-          + " | ".join(f"{v / side['bare']:.3f}" for k, v in side.items() if k != "bare") + " |")
+          + " | ".join(f"{side[k] / side['bare']:.3f} ({paired(side_runs, k):.3f})" for k in jobs) + " |")
+    print("(paired: the median over the rounds of the job's run ÷ the bare run of the same round)")
+    record = {"jobs": args.jobs, "side_by_side": side, "side_by_side_runs": side_runs,
+              "side_by_side_paired": {k: paired(side_runs, k) for k in jobs}, "results": results}
     if args.json and not results:
-        args.json.write_text(json.dumps({"jobs": args.jobs, "side_by_side": side, "results": results}, indent=2))
+        args.json.write_text(json.dumps(record, indent=2))
     if not results:
         return 0
     print()
@@ -152,7 +168,7 @@ def main() -> int:
         print(f"| {b} | {r['bare'] / 1e9:.2f} | {j0 / 1e9:.2f} | {r['jobN'] / 1e9:.2f} | "
               f"{r['job0'] / r['bare']:.3f} | {r['jobN'] / j0:.3f} |{extra} {r['read_all_ms']:.1f} |")
     if args.json:
-        args.json.write_text(json.dumps({"jobs": args.jobs, "side_by_side": side, "results": results}, indent=2))
+        args.json.write_text(json.dumps(record, indent=2))
     return 0
 
 
@@ -220,14 +236,15 @@ def side_by_side(cfgs: dict[str, Path], args: argparse.Namespace) -> dict[str, f
             detach_programs(cfg, detached)
             names.append("cgroup-detached")
             prefixes.append(exec_prefix(cfgs["cgroup"], detached))
-        medians = alternating(prefixes, args.seconds, args.reps)
+        runs = dict(zip(names, alternating_runs(prefixes, args.seconds, args.reps)))
     finally:
         for cfg, j in made:
             lifecycle.teardown_job(cfg, store.JobInfo(job_id=j, node="bench"))
-    out = dict(zip(names, medians))
+    out = {k: statistics.median(v) for k, v in runs.items()}
     print("side by side (alternating runs): " + ", ".join(
-        f"{k} {v / 1e9:.2f} Gbit/s" + ("" if k == "bare" else f" ({v / out['bare']:.3f})") for k, v in out.items()),
-        flush=True)
+        f"{k} {v / 1e9:.2f} Gbit/s" + ("" if k == "bare" else f" ({v / out['bare']:.3f}; paired {paired(runs, k):.3f})")
+        for k, v in out.items()), flush=True)
+    (Path(cfgs[names[1]]).parent / "side-runs.json").write_text(json.dumps(runs))
     return out
 
 
