@@ -8,9 +8,9 @@ with --download):
   job/0 rps a second job set up with `rps_cpus` (with --rps-cpus MASK; not for cgroup)
 for each backend (the namespace engine's ways of counting, and `cgroup`: the cgroup engine,
 its own cgroup per job under a subtree of the run's own), and reports the ratios. First, side
-by side: the bare node and one job of every backend given, measured in turn (bare, job of the
-first backend, of the second, ..., bare, ...), so that all ratios share one baseline and one
-stretch of the machine's time; with --detached also a cgroup job whose programs are detached
+by side: the bare node and one job of each engine (the cgroup engine and the first of the
+namespace engine's ways given), measured in turn (bare, job, job, bare, ...), so that all ratios
+share one baseline and one stretch of the machine's time; with --detached also a cgroup job whose programs are detached
 (the same cgroup placement, no counting: what the programs themselves cost). Then, per backend
 (unless --jobs 0), the N-job runs above. Run as root:
     .venv/bin/python bench/throughput.py --jobs 1000 [--rps-cpus 1] [--download]
@@ -219,7 +219,10 @@ def side_by_side(cfgs: dict[str, Path], args: argparse.Namespace) -> dict[str, f
     """Runs inside the sandbox node: the bare node and one job of every backend (and with
     --detached a cgroup job without its programs), in turn; medians (bits/s) by name."""
     job, detached = 1, 2
-    loaded = {b: config.load(p) for b, p in cfgs.items()}
+    # The namespace engine's ways of counting would give their jobs the same address of the
+    # same pool, each with its own database: only the first of them (and the cgroup engine).
+    netns_ways = [b for b in cfgs if b != "cgroup"][1:]
+    loaded = {b: config.load(p) for b, p in cfgs.items() if b not in netns_ways}
     setup_log(next(iter(loaded.values())).log_file, "bench")
     names, prefixes = ["bare"], [[]]  # this process is in the node: [] is the bare node
     made: list[tuple[config.Config, int]] = []

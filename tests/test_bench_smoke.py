@@ -22,6 +22,7 @@ def test_throughput_bench_runs(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     assert set(data["results"]) == {"bpf", "nftables", "iptables"}
+    assert set(data["side_by_side"]) == {"bare", "bpf"}  # one way of the namespace engine side by side
     for res in data["results"].values():
         assert res["job0"] > 0 and res["jobN"] > 0 and res["job0_rps"] > 0
 
