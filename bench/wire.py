@@ -9,7 +9,7 @@ WAN server over IPv4 and IPv6 and 2000 UDP datagrams of 1200 bytes, and the scri
 job's counts next to what came off the wire (bytes and packets, each direction), with the
 shortfall in percent. For BPF (both engines) it also reads the kernel's run-time statistics of the job's two
 programs (BPF_ENABLE_STATS: off again when the script ends) and prints the time per program
-run and per wire packet. Nothing leaves the machine.
+run, per wire packet and per GB on the wire (CPU ms; both directions of the case). Nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -88,8 +88,10 @@ def run_backend(topo: Topology, work: Path, backend: str, mbytes: int) -> list[d
             if backend in EXACT:
                 runs, ns = after[0] - before[0], after[1] - before[1]
                 packets = sum(wire[s][0] for s in ("rx", "tx"))
+                wire_bytes = sum(wire[s][1] for s in ("rx", "tx"))
                 rows[-1]["bpf_ns_per_run"] = round(ns / runs) if runs else None
                 rows[-1]["bpf_ns_per_wire_packet"] = round(ns / packets) if packets else None
+                rows[-1]["bpf_ms_per_wire_gbyte"] = round(ns / wire_bytes * 1e3, 1) if wire_bytes else None  # CPU ms per GB
     finally:
         node.cleanup()
     return rows
@@ -119,11 +121,12 @@ def main() -> int:
         cgroup.remove_tree(CG_ROOT)  # the cgroup engine's subtree (its jobs' cgroups are gone: empty)
         shutil.rmtree(work, ignore_errors=True)
     print(f"{'backend':9} {'case':13} {'dir':3} {'counted pkts':>12} {'wire pkts':>9} {'counted bytes':>13} "
-          f"{'wire bytes':>11} {'short %':>7} {'ns/run':>6} {'ns/pkt':>6}")
+          f"{'wire bytes':>11} {'short %':>7} {'ns/run':>6} {'ns/pkt':>6} {'ms/GB':>6}")
     for r in rows:
         c, w = r["counted"], r["wire"]
         print(f"{r['backend']:9} {r['case']:13} {r['direction']:3} {c[0]:>12} {w[0]:>9} {c[1]:>13} {w[1]:>11} "  # type: ignore[index]
-              f"{r['bytes_short_pct']:>7} {r.get('bpf_ns_per_run', '') or '':>6} {r.get('bpf_ns_per_wire_packet', '') or '':>6}")
+              f"{r['bytes_short_pct']:>7} {r.get('bpf_ns_per_run', '') or '':>6} {r.get('bpf_ns_per_wire_packet', '') or '':>6} "
+              f"{r.get('bpf_ms_per_wire_gbyte', '') or '':>6}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

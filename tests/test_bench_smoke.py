@@ -22,6 +22,7 @@ def test_throughput_bench_runs(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     assert set(data["results"]) == {"bpf", "nftables", "iptables"}
+    assert set(data["side_by_side"]) == {"bare", "bpf"}  # one way of the namespace engine side by side
     for res in data["results"].values():
         assert res["job0"] > 0 and res["jobN"] > 0 and res["job0_rps"] > 0
 
@@ -31,12 +32,33 @@ def test_throughput_bench_runs_the_cgroup_engine(tmp_path: Path) -> None:
     need_root()
     out = tmp_path / "r.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--backends", "bpf,cgroup",
-                        "--jobs", "3", "--seconds", "1", "--reps", "1", "--json", str(out)],
+                        "--jobs", "3", "--seconds", "1", "--reps", "1", "--detached", "--json", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     assert set(data["results"]) == {"bpf", "cgroup"}
     assert all(res["job0"] > 0 and res["jobN"] > 0 for res in data["results"].values())
+    assert set(data["side_by_side"]) == {"bare", "bpf", "cgroup", "cgroup-detached"}
+    assert all(v > 0 for v in data["side_by_side"].values())
+
+
+@pytest.mark.slow
+def test_throughput_bench_side_by_side_only(tmp_path: Path) -> None:
+    """--jobs 0: only the bare node and each backend's job in turn, in the order given; a bad
+    combination of flags is refused before anything is made."""
+    need_root()
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--backends", "cgroup,bpf",
+                        "--jobs", "0", "--seconds", "1", "--reps", "2", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["results"] == {}
+    assert list(data["side_by_side"]) == ["bare", "cgroup", "bpf"]
+    assert all(v > 0 for v in data["side_by_side"].values())
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--backends", "bpf",
+                        "--detached", "--jobs", "0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--detached needs the cgroup backend" in r.stderr
 
 
 @pytest.mark.slow
@@ -64,6 +86,7 @@ def test_wire_bench_runs(tmp_path: Path) -> None:
     assert {r["backend"] for r in rows} == {"bpf", "cgroup", "nftables", "iptables"}
     assert all(r["counted"] == r["wire"] for r in rows if r["backend"] in ("bpf", "cgroup")), rows
     assert any(r.get("bpf_ns_per_run") for r in rows)
+    assert any(r.get("bpf_ms_per_wire_gbyte") for r in rows)
 
 
 @pytest.mark.slow
