@@ -10,8 +10,15 @@ step downloads from it, an ssh session adopted into the running job (pam_slurm_a
 pam_netacct) uploads again. The job's WAN bytes and packets must equal what the WAN server's
 nftables counters saw, in both directions, and so must the ssh session's share on its own.
 
+Then, in the same boot, the cgroup engine in mode "slurm" on SLURM's own job cgroup, with no PAM
+module of ours: a second job's batch script (its first instruction uploads), two srun steps and
+an adopted ssh session, each part exact against the WAN server; the prolog's pinned programs
+attached to SLURM's ``job_<id>`` and to no other cgroup; nothing of the job left in the kernel
+after the epilog.
+
 Slow (an image build takes minutes when the machine's cache has none; each run boots a VM under
-software emulation): marked ``vm``, skipped with ``-m "not vm"``. CI runs them.
+software emulation, about 8 min on an idle machine and up to 25 min on a loaded one, hence the
+40 min limit of a run): marked ``vm``, skipped with ``-m "not vm"``. CI runs them.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ def _run_slurm_scenario(release: str) -> VMResult:
     need_root()
     image = ensure_image(Recipe.for_release(release, ROOT), log=print)
     keep = os.environ.get("NETACCT_VM_KEEP")  # a directory: keep the VM's logs there for a look
-    res = run_scenario(image, "slurm", timeout=1500,
+    res = run_scenario(image, "slurm", timeout=2400,
                        keep=None if keep is None else ROOT / keep / release)
     print(f"VM {release}: image {image.dir.name} (built in {image.build['seconds']} s), "
           f"run {res.seconds} s, marks {res.marks}, guest timings {json.dumps(res.result.get('timings'))}")
