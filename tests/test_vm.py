@@ -17,8 +17,8 @@ attached to SLURM's ``job_<id>`` and to no other cgroup; nothing of the job left
 after the epilog.
 
 Slow (an image build takes minutes when the machine's cache has none; each run boots a VM under
-software emulation, about 8 min on an idle machine and up to 25 min on a loaded one, hence the
-40 min limit of a run): marked ``vm``, skipped with ``-m "not vm"``. CI runs them.
+software emulation: 6–7 min on an idle machine before the cgroup engine's phase was added, up
+to 25 min with it on a loaded one, bench/RESULTS.md; hence the 40 min limit of a run): marked ``vm``, skipped with ``-m "not vm"``. CI runs them.
 """
 
 from __future__ import annotations
