@@ -352,10 +352,12 @@ def test_remove_node_removes_the_engines_own_cgroup_once_no_job_is_left(cg_node:
 
 @pytest.fixture
 def slurm_scope() -> Iterator[Path]:
-    """SLURM's cgroup/v2 stepd scope, as it makes it (NOTES: <mount>/system.slice/
-    slurmstepd.scope), under a subtree of the tests' own in the unified hierarchy."""
+    """SLURM's cgroup/v2 stepd scope, as Debian's SLURM 22.05 and 24.11 make it
+    (<mount>/system.slice/<node>_slurmstepd.scope: built for several slurmd a host; seen in the
+    VM tests, tests/test_vm.py, which run the real thing), under a subtree of the tests' own in
+    the unified hierarchy."""
     base = Path("/sys/fs/cgroup/unified") / f"{TAG}slurm"
-    scope = base / "system.slice" / "slurmstepd.scope"
+    scope = base / "system.slice" / "n1_slurmstepd.scope"
     scope.mkdir(parents=True)
     try:
         yield scope

@@ -18,6 +18,16 @@ and an ssh session adopted into the running job uploads again. The raw numbers â
 server's nftables counters and ``netacct-report --json`` â€” go into result.json; the host's
 tests/test_vm.py compares them.
 
+Then, in the same boot (phase 2), the cgroup engine on SLURM's own job cgroup: netacct.toml
+switched to ``engine = "cgroup"`` with ``[cgroup] mode = "slurm"``, the SPANK plugin to
+``engine=cgroup cgroup=slurm``, pam_netacct taken out of sshd's stack (pam_slurm_adopt alone
+puts a session into the job's cgroup), the service and slurmd restarted. A second job's batch
+script uploads as its first instruction and waits; two srun steps download (TCP) and send UDP
+datagrams; an adopted ssh session uploads. After each part the job's live counters and the WAN
+server's are read (result.json's ``cgroup``), as are the job's pins and every cgroup with inet
+programs attached (tests/vm/cgprobe.py), and, after the epilog, which of the job's programs and
+maps the kernel still holds.
+
 Python standard library only (it runs before the project's venv exists).
 """
 
@@ -217,6 +227,13 @@ ConstrainCores=yes
 """
 
 
+def node_idle() -> bool:
+    r = sh("scontrol", "-o", "show", "node", NODE, check=False)
+    m = re.search(r"\bState=(\S+)", r.stdout)
+    return bool(m and m.group(1).split("+")[0] == "IDLE" and "DRAIN" not in m.group(1)
+                and "NOT_RESPONDING" not in m.group(1))
+
+
 def slurm(run: Run) -> None:
     Path("/etc/slurm/slurm.conf").write_text(SLURM_CONF)
     Path("/etc/slurm/cgroup.conf").write_text(CGROUP_CONF)
@@ -238,13 +255,7 @@ def slurm(run: Run) -> None:
     sh("systemctl", "restart", "slurmctld.service")
     sh("systemctl", "restart", "slurmd.service")
 
-    def idle() -> bool:
-        r = sh("scontrol", "-o", "show", "node", NODE, check=False)
-        m = re.search(r"\bState=(\S+)", r.stdout)
-        return bool(m and m.group(1).split("+")[0] == "IDLE" and "DRAIN" not in m.group(1)
-                    and "NOT_RESPONDING" not in m.group(1))
-
-    wait_for("node n1 to be IDLE", idle, 180)
+    wait_for("node n1 to be IDLE", node_idle, 180)
     run.fact("slurm_version", sh("sinfo", "-V").stdout.strip())
     cfg = sh("scontrol", "show", "config").stdout
     for key in ("ProctrackType", "TaskPlugin", "CgroupPlugin", "PrologFlags", "SLURM_VERSION"):
@@ -379,6 +390,116 @@ def _read(path: str) -> str:
         return f"<cannot read {path}: {e}>"
 
 
+# ---------------------------------------------------------------------- phase 2: the cgroup engine
+
+NETACCT_TOML_CGROUP = f"""# written by tests/vm/guest.py: phase 2, the cgroup engine on SLURM's own job cgroup
+engine = "cgroup"
+netns_prefix = "{JOB_PREFIX}"
+log_file = "/var/log/slurm-netacct/netacct.log"
+[cgroup]
+mode = "slurm"
+"""
+
+CG_PAYLOADS = {"batch_up": 2_000_000, "srun_down": 3_000_000, "udp_count": 64, "udp_size": 1000,
+               "ssh_up": 1_500_000}
+
+# Its first instruction sends: counted only if the programs are on the job's cgroup before the
+# batch script starts. Then it waits (ready1/go1) so that the batch script's share is read on
+# its own, runs two srun steps, and waits again (ready2/go2) for the adopted ssh session.
+CG_BATCH = """#!/bin/bash
+#SBATCH -N1 -n1 -o {home}/job-%j.out
+echo "batch-up $(python3 {traffic} tcp-up {wan} {port} {batch_up})"
+echo "batch-cgroup $(grep '^0::' /proc/self/cgroup)"
+echo "batch-netns $(readlink /proc/self/ns/net)"
+touch {home}/ready1-$SLURM_JOB_ID
+for i in $(seq 2400); do [ -e {home}/go1-$SLURM_JOB_ID ] && break; sleep 0.25; done
+srun -n1 bash -c 'echo "step-cgroup $(grep "^0::" /proc/self/cgroup)"; echo "srun-down $(python3 {traffic} tcp-down {wan} {port} {srun_down})"'
+srun -n1 bash -c 'echo "step2-cgroup $(grep "^0::" /proc/self/cgroup)"; echo "srun-udp $(python3 {traffic} udp-up {wan} {port} {udp_count} {udp_size})"'
+touch {home}/ready2-$SLURM_JOB_ID
+for i in $(seq 2400); do [ -e {home}/go2-$SLURM_JOB_ID ] && break; sleep 0.25; done
+[ -e {home}/go2-$SLURM_JOB_ID ] && echo released
+"""
+
+
+def switch_to_cgroup_engine(run: Run) -> None:
+    """README, "Choosing an engine": engine = "cgroup", [cgroup] mode = "slurm"; the SPANK
+    plugin with engine=cgroup cgroup=slurm; no PAM module of ours (pam_slurm_adopt puts the
+    sessions into the job's step_extern, inside the counted job cgroup)."""
+    Path("/etc/slurm/netacct.toml").write_text(NETACCT_TOML_CGROUP)
+    [plugin] = run.result["facts"]["spank_plugin"]
+    Path("/etc/slurm/plugstack.conf").write_text(f"required {plugin} engine=cgroup cgroup=slurm prefix={JOB_PREFIX}\n")
+    pam = Path("/etc/pam.d/sshd")
+    pam.write_text("".join(line for line in pam.read_text().splitlines(keepends=True) if "pam_netacct" not in line))
+    run.fact("cgroup_phase_sshd_pam", [line for line in pam.read_text().splitlines() if "slurm" in line or "netacct" in line])
+    # The service and slurmd read their configuration when they start.
+    sh("systemctl", "restart", "netacct-daemon.service")
+    sh("systemctl", "restart", "slurmd.service")
+    wait_for("node n1 to be IDLE again", node_idle, 180)
+    run.fact("cgroup_phase_daemon_active", sh("systemctl", "is-active", "netacct-daemon", check=False).stdout.strip())
+
+
+def probe(*args: str) -> dict[str, Any]:
+    """tests/vm/cgprobe.py (the project's venv): pins, attachments, SLURM's job cgroup."""
+    return json.loads(sh(f"{VENV_BIN}/python", f"{PREFIX}/tests/vm/cgprobe.py", *args).stdout)
+
+
+def cgroup_job(run: Run) -> None:
+    from topology import PORT, WAN4  # noqa: E402
+
+    topo = run.topo
+    home = f"/home/{USER}"
+    traffic = f"{PREFIX}/tests/traffic.py"
+    res: dict[str, Any] = {"payloads": CG_PAYLOADS, "node_netns": os.readlink("/proc/1/ns/net")}
+    run.result["cgroup"] = res
+    topo.reset_servers()
+    script = CG_BATCH.format(home=home, traffic=traffic, wan=WAN4, port=PORT, **CG_PAYLOADS)
+    r = sh("runuser", "-u", USER, "--", "sbatch", "--parsable", "-D", home, input=script)
+    job_id = int(r.stdout.strip().split(";")[0])
+    res["id"] = job_id
+
+    def reached(mark: str) -> Callable[[], bool]:
+        def ready() -> bool:
+            state = job_state(job_id)
+            if state and state not in ACTIVE:
+                raise Failed(f"job {job_id} ended ({state}) before {mark}:\n{_read(f'{home}/job-{job_id}.out')}")
+            return Path(f"{home}/{mark}-{job_id}").exists()
+        return ready
+
+    def snapshot() -> dict[str, Any]:
+        topo.wait_quiet()
+        return {"server": topo.server_counts("wan", reset=False), "report": report("-j", str(job_id))}
+
+    # 1. The batch script's upload (its first instruction), alone.
+    run.step("cgroup_job_batch", lambda: wait_for(f"job {job_id}'s batch script", reached("ready1"), 600))
+    res["after_batch"] = snapshot()
+    res["running"] = probe("running", str(job_id))
+    # 2. Two srun steps: a TCP download, UDP datagrams up.
+    Path(f"{home}/go1-{job_id}").touch()
+    run.step("cgroup_job_steps", lambda: wait_for(f"job {job_id}'s srun steps", reached("ready2"), 600))
+    res["after_steps"] = snapshot()
+    # 3. An ssh session adopted into the running job (pam_slurm_adopt only).
+    ssh = sh("nsenter", f"--net=/run/netns/{topo.lan}", "ssh", "-F", "none", "-i", "/root/vm-user-key",
+             "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+             "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=60", f"{USER}@{NODE_ADDR}",
+             SSH_CMD.format(traffic=traffic, wan=WAN4, port=PORT, n=CG_PAYLOADS["ssh_up"]), check=False)
+    res["ssh"] = {"returncode": ssh.returncode, "stdout": ssh.stdout, "stderr": ssh.stderr}
+    res["after_ssh"] = snapshot()
+    # 4. The end: the epilog's record against everything the WAN server saw; nothing of ours left.
+    Path(f"{home}/go2-{job_id}").touch()
+    run.step("cgroup_job_end", lambda: wait_for(f"job {job_id} to end", lambda: job_state(job_id) not in ACTIVE | {""},
+                                                300))
+    res["state"] = job_state(job_id)
+    res["output"] = _read(f"{home}/job-{job_id}.out")
+    res["report"] = wait_for("the job's final record",
+                             lambda: [x for x in report("-j", str(job_id)) if x["state"] != "running"], 60)
+    topo.wait_quiet()
+    res["wan_server"] = topo.server_counts("wan", reset=False)
+    pins = res["running"]["pins"]
+    progs = [str(pins[d]["id"]) for d in ("out", "in") if d in pins]
+    maps = sorted({str(m) for d in ("out", "in") if d in pins for m in pins[d]["map_ids"]})
+    res["after_epilog"] = run.step("cgroup_leftovers", lambda: probe("gone", str(job_id), *progs, "--", *maps))
+
+
 # ---------------------------------------------------------------------- scenarios
 
 
@@ -389,10 +510,9 @@ def scenario_slurm(run: Run) -> None:
     run.step("slurm_start", lambda: slurm(run))
     run.step("sshd", lambda: sshd(run))
     run.step("job", lambda: job(run))
-    # Placeholder for the cgroup-engine scenario of issue 19 (the engine does not exist yet):
-    # it will attach the cgroup engine to the job cgroup SLURM made itself (the batch step's
-    # cgroup is in the job output above, "batch-cgroup 0::/system.slice/slurmstepd.scope/job_N/...")
-    # and compare its counts with the WAN server's the same way. Register it in SCENARIOS then.
+    # Phase 2, in the same boot: the cgroup engine on SLURM's own job cgroup.
+    run.step("cgroup_switch", lambda: switch_to_cgroup_engine(run))
+    run.step("cgroup_job", lambda: cgroup_job(run))
 
 
 SCENARIOS: dict[str, Callable[[Run], None]] = {"slurm": scenario_slurm}
@@ -400,6 +520,7 @@ SCENARIOS: dict[str, Callable[[Run], None]] = {"slurm": scenario_slurm}
 LOGS = [
     "/var/log/slurm/slurmctld.log", "/var/log/slurm/slurmd.log", "/var/log/slurm/jobcomp.txt",
     "/var/log/slurm-netacct/netacct.log", "/etc/slurm/slurm.conf", "/etc/pam.d/sshd",
+    "/etc/slurm/plugstack.conf", "/etc/slurm/netacct.toml",
 ]
 
 
