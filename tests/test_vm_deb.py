@@ -100,7 +100,7 @@ def test_deb_install_upgrade_purge_in_a_pristine_debian12(tmp_path: Path) -> Non
     image = ensure_image(Recipe.for_release("bookworm", ROOT, node=False,
                                             download_only=[*depends(new), *TEST_TOOLS]), log=print)
     keep = os.environ.get("NETACCT_VM_KEEP")
-    res = run_scenario(image, "deb", debs=[old, new], entry="src/tests/vm/guest_deb.sh", timeout=1500,
+    res = run_scenario(image, "deb", debs=[old, new], entry="src/tests/vm/guest_deb.sh", timeout=2400,
                        keep=None if keep is None else ROOT / keep / "deb")
     print(f"VM deb: image {image.dir.name} (built in {image.build['seconds']} s), run {res.seconds} s, "
           f"marks {res.marks}, guest timings {res.result.get('timings')}")
