@@ -151,9 +151,7 @@ def main() -> int:
         result["jobs"] = [job(topo, 101)]
         mark("job 1 (old package, no service)")
 
-        plain = Path("/var/lib/netacct-vm/debs/slurm-netacct-new.deb")  # no "~" for apt (guest_deb.sh)
-        plain.write_bytes(new[0].read_bytes())
-        r = sh("apt-get", "install", "-y", "--no-install-recommends", "--no-download", str(plain))
+        r = sh("apt-get", "install", "-y", "--no-install-recommends", str(new[0]))  # see guest_deb.sh
         (out / "logs" / "apt-install-new.log").write_text(r.stdout + r.stderr)
         f["version_new"] = package_version()
         f["conffile_kept"] = CONF.read_text() == edited

@@ -25,13 +25,12 @@ snapshot() {
 }
 snapshot "$out/before.txt"
 dpkg-query -W -f '${Package}\n' | sort >"$out/packages-before.txt"
-# apt 2.6 (Debian 12) refuses a local .deb whose file name has a "~" (as 0.1.0~old1 has):
-# "Internal Error, Pathname to install is not absolute". Install copies with plain names.
-mkdir -p /var/lib/netacct-vm/debs
-cp "$in"/debs/*old*.deb /var/lib/netacct-vm/debs/slurm-netacct-old.deb
-old=/var/lib/netacct-vm/debs/slurm-netacct-old.deb
+old=$(ls "$in"/debs/*old*.deb)
 echo "NETACCT-VM: deb: installing $old" >/dev/console
-apt-get install -y --no-install-recommends --no-download "$old" >"$out/logs/apt-install-old.log" 2>&1 || {
+# No --no-download here: with it apt 2.6 does not resolve a local .deb's path ("Internal
+# Error, Pathname to install is not absolute"). The VM has no network: what is not in the
+# image's apt cache fails to download, so the Depends are still proven to come from there.
+apt-get install -y --no-install-recommends "$old" >"$out/logs/apt-install-old.log" 2>&1 || {
     echo "{\"ok\": false, \"error\": \"apt-get install of the older package failed (see logs/apt-install-old.log)\"}" >"$out/result.json"
     exit 1
 }
