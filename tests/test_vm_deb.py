@@ -12,7 +12,8 @@ the purge; the node database was kept by the purge (billing data); and once the 
 it, every path the file system gained since before the install belongs to a package still
 installed (the Depends) or is the package manager's own bookkeeping.
 
-Slow (image build ~3 min once per machine, each run boots a VM under software emulation):
+Slow (the image takes minutes to build, once per machine; each run boots a VM under software
+emulation, about 12 min; bench/RESULTS.md):
 marked ``vm``. CI runs it.
 """
 
