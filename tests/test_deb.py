@@ -103,7 +103,7 @@ def test_contents(built: tuple[Path, Path, str, str]) -> None:
         if p.endswith(".py") and "/site-packages/slurm_netacct/" in p:
             pyc = Path(p).parent / "__pycache__" / f"{Path(p).stem}.cpython-{_pyver()}.pyc"
             assert str(pyc) in paths, f"no byte-code shipped for {p}"
-    r = subprocess.run(["grep", "-rl", "/build-deb.", str(tree)], capture_output=True, text=True)
+    r = subprocess.run(["grep", "-rlE", r"/build-deb\.[A-Za-z0-9]{6}/", str(tree)], capture_output=True, text=True)
     assert r.stdout == "", r.stdout  # no path of the build's staging directory
     # The checkout's install directory only in the docs that describe it, never in what runs.
     r = subprocess.run(["grep", "-rlI", "/opt/slurm-netacct", str(tree / "usr/lib"), str(tree / "etc"),
