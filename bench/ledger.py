@@ -96,6 +96,19 @@ def fill_ledger(db: MariaDB, name: str, jobs: int) -> None:
     """, database=name)
 
 
+class _Shown(dict):  # type: ignore[type-arg]
+    """Results, each printed as it comes (a long run that fails keeps what it measured)."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        print(f"{key:28s} {value}", flush=True)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            super().__setitem__(key, default)
+        return self[key]
+
+
 def timed(argv: list[str], env: dict[str, str]) -> tuple[float, int, int]:
     """Wall seconds, peak RSS (KiB) and output bytes of one command."""
     t0 = time.perf_counter()
@@ -126,7 +139,7 @@ def main() -> None:
     ap.add_argument("--skip-parsable-all", action="store_true", help="-P over the first tenth only")
     a = ap.parse_args()
     a.dir.mkdir(parents=True, exist_ok=True)
-    res: dict[str, Any] = {"jobs": a.jobs, "ship_jobs": a.ship_jobs, "nodes": a.nodes, "batch": a.batch}
+    res: dict[str, Any] = _Shown({"jobs": a.jobs, "ship_jobs": a.ship_jobs, "nodes": a.nodes, "batch": a.batch})
     server = MariaDB(options=(f"--innodb-buffer-pool-size={a.buffer_pool}",))
     server.start()
     try:
@@ -148,6 +161,7 @@ def main() -> None:
             for mode, roll in (("plain", False), ("rollups", True)):
                 rows, secs = _ship_one((str(one), {**table, "cluster": f"ship1-{mode}-{i}"}, roll))
                 res.setdefault(f"ship1_{mode}_records_per_s", []).append(round(rows / secs))
+                print(f"ship1 {mode}", round(rows / secs), flush=True)
         # shipN: many nodes at once, one process each, without and with
         per = max(1, a.ship_jobs // a.nodes)
         paths = []
@@ -189,7 +203,8 @@ def main() -> None:
         res["ledger_bytes_per_job_row"] = round(int(size) / int(rows))
         res["rollup_bytes_per_job_row"] = round(int(rsize) / int(rows))
         cfgp = a.dir / "netacct.toml"
-        lines = ["[ledger]"] + [f"{k} = {json.dumps(v)}" for k, v in big.items()]
+        # -P over millions of records waits for the server's first row longer than the default 30 s
+        lines = ["[ledger]"] + [f"{k} = {json.dumps(v)}" for k, v in {**big, "timeout": 3600}.items()]
         cfgp.write_text("\n".join(lines) + "\n")
         (a.dir / "rates.toml").write_text(RATES)
         env = dict(os.environ, NETACCT_CONFIG=str(cfgp), TZ="UTC")
@@ -200,6 +215,7 @@ def main() -> None:
             secs, rss, _ = timed(grouped, env)
             res.setdefault("grouped_s", []).append(round(secs, 2))
             res.setdefault("grouped_rss_kib", []).append(rss)
+            print("grouped", round(secs, 2), rss, flush=True)
         res["load_mid"] = os.getloadavg()
         for part, n in (("tenth", max(1, a.jobs // 10)), ("all", a.jobs)):
             if part == "all" and a.skip_parsable_all:
