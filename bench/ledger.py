@@ -2,13 +2,17 @@
 
 Against a throwaway mariadbd (tests/mariadb.py: its own data directory, unix socket only, no
 TCP), measures:
-  ship1      netacct-ship of one node database of --ship-jobs jobs (records/s)
+  ship1      netacct-ship of one node database of --ship-jobs jobs (records/s), without and
+             with the rollups' upkeep, alternating (--pairs times each)
   shipN      --nodes node databases of --ship-jobs/--nodes jobs each, shipping at once, one
-             process each (records/s over all, and the slowest node's time)
-  grouped    netacct-report --ledger --group-by account,month --rates RATES over --jobs job
-             records (made in the server with its SEQUENCE engine: 2 classes a record, every
-             50th job on two nodes), wall time and peak RSS
-  parsable   netacct-report --ledger -P over all of them (streamed: the RSS must stay flat)
+             process each (records/s over all, and the slowest node's time), without and with
+  migrate    a ledger of schema 3 filled with --jobs job records (made in the server with its
+             SEQUENCE engine: 2 classes a record, every 50th job on two nodes) migrated to
+             schema 4: the rollups built from its rows (the migration's own code)
+  grouped    netacct-report --ledger --group-by account,month --rates RATES over them (answered
+             by the rollups), wall time and peak RSS, --reps times
+  parsable   netacct-report --ledger -P over the first tenth of them, then all (streamed: the
+             RSS must stay flat)
 Run as root: .venv/bin/python bench/ledger.py [--jobs 10000000] [--nodes 100 --ship-jobs 100000]
 The lead's targets (issue 15): grouped over 10,000,000 records <= 2 s on a 2-vCPU VM; compare
 with 1,000,000 records in 100 SQLite files (3.5 s, bench/report.py).
@@ -34,7 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from mariadb import MariaDB  # noqa: E402
 from slurm_netacct import config  # noqa: E402
 from slurm_netacct.store import db as store  # noqa: E402
-from slurm_netacct.store import ship  # noqa: E402
+from slurm_netacct.store import ledger, ship  # noqa: E402
 from slurm_netacct.traffic import FIELDS  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -58,12 +62,12 @@ def make_journal(path: Path, node: str, jobs: int, first: int, seed: int) -> Non
     db.conn.close()
 
 
-def _ship_one(args: tuple[str, dict[str, Any]]) -> tuple[int, float]:
-    path, table = args
+def _ship_one(args: tuple[str, dict[str, Any], bool]) -> tuple[int, float]:
+    path, table, rollups = args
     led = config.parse({"ledger": table}).ledger
     assert led is not None
     t0 = time.perf_counter()
-    done = ship.ship(Path(path), led)
+    done = ship.ship(Path(path), led, rollups=rollups)
     return done.rows, time.perf_counter() - t0
 
 
@@ -92,6 +96,19 @@ def fill_ledger(db: MariaDB, name: str, jobs: int) -> None:
     """, database=name)
 
 
+class _Shown(dict):  # type: ignore[type-arg]
+    """Results, each printed as it comes (a long run that fails keeps what it measured)."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        print(f"{key:28s} {value}", flush=True)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            super().__setitem__(key, default)
+        return self[key]
+
+
 def timed(argv: list[str], env: dict[str, str]) -> tuple[float, int, int]:
     """Wall seconds, peak RSS (KiB) and output bytes of one command."""
     t0 = time.perf_counter()
@@ -116,10 +133,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/netacct-bench-ledger"))
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--pairs", type=int, default=2, help="ship1 runs without and with rollups, alternating")
+    ap.add_argument("--reps", type=int, default=3, help="grouped report runs")
+    ap.add_argument("--buffer-pool", default="4G", help="mariadbd's InnoDB buffer pool")
+    ap.add_argument("--skip-parsable-all", action="store_true", help="-P over the first tenth only")
     a = ap.parse_args()
     a.dir.mkdir(parents=True, exist_ok=True)
-    res: dict[str, Any] = {"jobs": a.jobs, "ship_jobs": a.ship_jobs, "nodes": a.nodes, "batch": a.batch}
-    server = MariaDB()
+    res: dict[str, Any] = _Shown({"jobs": a.jobs, "ship_jobs": a.ship_jobs, "nodes": a.nodes, "batch": a.batch})
+    server = MariaDB(options=(f"--innodb-buffer-pool-size={a.buffer_pool}",))
     server.start()
     try:
         server.create_accounts("bench", "ship", "report", host="localhost")
@@ -131,13 +152,17 @@ def main() -> None:
                  "password_file": str(a.dir / "ship.pw"), "cluster": "ship1", "batch": a.batch,
                  "report_url": f"mysql://netacct_report@localhost/bench?socket={server.socket}",
                  "report_password_file": str(a.dir / "report.pw")}
-        # ship1: one node
+        res["load_before"] = os.getloadavg()
+        # ship1: one node, without and with the rollups' upkeep, alternating (a cluster each)
         one = a.dir / "one.db"
         one.unlink(missing_ok=True)
         make_journal(one, "n000", a.ship_jobs, 1, 1)
-        rows, secs = _ship_one((str(one), table))
-        res["ship1_records_per_s"] = rows / secs
-        # shipN: many nodes at once, one process each
+        for i in range(a.pairs):
+            for mode, roll in (("plain", False), ("rollups", True)):
+                rows, secs = _ship_one((str(one), {**table, "cluster": f"ship1-{mode}-{i}"}, roll))
+                res.setdefault(f"ship1_{mode}_records_per_s", []).append(round(rows / secs))
+                print(f"ship1 {mode}", round(rows / secs), flush=True)
+        # shipN: many nodes at once, one process each, without and with
         per = max(1, a.ship_jobs // a.nodes)
         paths = []
         for i in range(a.nodes):
@@ -145,37 +170,65 @@ def main() -> None:
             p.unlink(missing_ok=True)
             make_journal(p, f"n{i:03d}", per, 1 + i * per, i)
             paths.append(p)
+        for mode, roll in (("plain", False), ("rollups", True)):
+            t0 = time.perf_counter()
+            with multiprocessing.get_context("fork").Pool(a.nodes) as pool:
+                out = pool.map(_ship_one, [(str(p), {**table, "cluster": f"shipN-{mode}"}, roll) for p in paths])
+            wall = time.perf_counter() - t0
+            res[f"shipN_{mode}_records_per_s"] = round(sum(r for r, _ in out) / wall)
+            res[f"shipN_{mode}_slowest_node_s"] = round(max(s for _, s in out), 2)
+        # the reports: a ledger of schema 3 with --jobs records, then migrated (rollups built)
+        server.create_accounts("big", "ship", "report", host="localhost")
+        big = {**table, "cluster": "bench", "url": table["url"].replace("/bench?", "/big?"),
+               "report_url": table["report_url"].replace("/bench?", "/big?")}
+        big_cfg = config.parse({"ledger": big}).ledger
+        assert big_cfg is not None
+        import MySQLdb
+        conn = MySQLdb.connect(unix_socket=str(server.socket), user="netacct_ship", password="ship", database="big")
+        ledger.Ledger(conn, big_cfg.url).migrate(target=ledger.ROLLUPS_SINCE - 1)
+        conn.close()
         t0 = time.perf_counter()
-        with multiprocessing.get_context("fork").Pool(a.nodes) as pool:
-            out = pool.map(_ship_one, [(str(p), {**table, "cluster": "shipN"}) for p in paths])
-        wall = time.perf_counter() - t0
-        res["shipN_records_per_s"] = sum(r for r, _ in out) / wall
-        res["shipN_slowest_node_s"] = max(s for _, s in out)
-        # the reports
-        fill_ledger(server, "bench", a.jobs)
+        fill_ledger(server, "big", a.jobs)
+        res["fill_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        ledger.connect(big_cfg, migrate=True).close()
+        res["migrate_s"] = round(time.perf_counter() - t0, 1)
+        res["rollup_rows"] = int(server.sql("SELECT COUNT(*) FROM big.rollup").stdout)
         size = server.sql("SELECT SUM(data_length + index_length) FROM information_schema.tables "
-                          "WHERE table_schema = 'bench' AND table_name IN ('jobs', 'traffic')").stdout
-        rows = server.sql("SELECT COUNT(*) FROM bench.jobs").stdout
-        res["ledger_bytes_per_job_row"] = int(size) / int(rows)
+                          "WHERE table_schema = 'big' AND table_name IN ('jobs', 'traffic')").stdout
+        rsize = server.sql("SELECT SUM(data_length + index_length) FROM information_schema.tables "
+                           "WHERE table_schema = 'big' AND table_name LIKE 'rollup%'").stdout
+        rows = server.sql("SELECT COUNT(*) FROM big.jobs").stdout
+        res["job_rows"] = int(rows)
+        res["ledger_bytes_per_job_row"] = round(int(size) / int(rows))
+        res["rollup_bytes_per_job_row"] = round(int(rsize) / int(rows))
         cfgp = a.dir / "netacct.toml"
-        lines = ["[ledger]"] + [f"{k} = {json.dumps(v)}" for k, v in {**table, "cluster": "bench"}.items()]
+        # -P over millions of records waits for the server's first row longer than the default 30 s
+        lines = ["[ledger]"] + [f"{k} = {json.dumps(v)}" for k, v in {**big, "timeout": 3600}.items()]
         cfgp.write_text("\n".join(lines) + "\n")
         (a.dir / "rates.toml").write_text(RATES)
         env = dict(os.environ, NETACCT_CONFIG=str(cfgp), TZ="UTC")
         report = str(VENV_BIN / "netacct-report")
         window = ["-S", "2026-01-01", "-E", "2030-12-31T23:59:59"]
-        res["grouped_s"], res["grouped_rss_kib"], _ = timed(
-            [report, "--ledger", *window, "--group-by", "account,month", "--rates", str(a.dir / "rates.toml")], env)
-        res["parsable_s"], res["parsable_rss_kib"], res["parsable_bytes"] = timed(
-            [report, "--ledger", *window, "-P"], env)
-        small = max(1, a.jobs // 10)
-        res["parsable_tenth_rss_kib"] = timed([report, "--ledger", "-S", "2026-01-01", "-E",
-                                               time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(1767225600 + small * 3)),
-                                               "-P"], env)[1]
+        grouped = [report, "--ledger", *window, "--group-by", "account,month", "--rates", str(a.dir / "rates.toml")]
+        for _ in range(a.reps):
+            secs, rss, _ = timed(grouped, env)
+            res.setdefault("grouped_s", []).append(round(secs, 2))
+            res.setdefault("grouped_rss_kib", []).append(rss)
+            print("grouped", round(secs, 2), rss, flush=True)
+        res["load_mid"] = os.getloadavg()
+        for part, n in (("tenth", max(1, a.jobs // 10)), ("all", a.jobs)):
+            if part == "all" and a.skip_parsable_all:
+                continue
+            upto = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(1767225600 + n * 3))
+            secs, rss, nbytes = timed([report, "--ledger", "-S", "2026-01-01", "-E", upto, "-P"], env)
+            res[f"parsable_{part}_s"], res[f"parsable_{part}_rss_kib"] = round(secs, 1), rss
+            res[f"parsable_{part}_bytes"] = nbytes
+        res["load_after"] = os.getloadavg()
     finally:
         server.remove()
     for k, v in res.items():
-        print(f"{k:28s} {v:,.1f}" if isinstance(v, float) else f"{k:28s} {v}")
+        print(f"{k:28s} {v:,.1f}" if isinstance(v, float) else f"{k:28s} {v}", flush=True)
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))
 

@@ -71,13 +71,15 @@ class MariaDB:
     """mariadbd on a data directory of its own (in a temporary directory), listening on a
     unix socket there and, inside `netns`, on TCP `addr:port` (without netns: no TCP at all)."""
 
-    def __init__(self, netns: str | None = None, addr: str = "127.0.0.1", port: int = 3306) -> None:
+    def __init__(self, netns: str | None = None, addr: str = "127.0.0.1", port: int = 3306,
+                 options: tuple[str, ...] = ()) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="na-maria-"))  # short: a socket path fits 108 bytes
         self.datadir = self.base / "data"
         self.socket = self.base / "mysqld.sock"
         self.netns = netns
         self.addr = addr
         self.port = port
+        self.options = options  # more mariadbd options (a benchmark's buffer pool)
         self.proc: subprocess.Popen[bytes] | None = None
         self.installed = False
         self.tls: Path | None = None
@@ -109,8 +111,9 @@ class MariaDB:
             self.install()
         argv = ["mariadbd", "--no-defaults", f"--datadir={self.datadir}", f"--socket={self.socket}",
                 f"--pid-file={self.base / 'mysqld.pid'}", f"--log-error={self.base / 'error.log'}",
-                "--user=root", "--skip-log-bin", "--innodb-buffer-pool-size=128M",
+                "--user=root", "--skip-log-bin", "--innodb-buffer-pool-size=128M", f"--tmpdir={self.base}",
                 "--max-connections=400", "--skip-name-resolve"]
+        argv += self.options
         if self.tls is not None:
             argv += [f"--ssl-ca={self.tls / 'ca.pem'}", f"--ssl-cert={self.tls / 'server.pem'}",
                      f"--ssl-key={self.tls / 'server.key'}"]

@@ -12,30 +12,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from ..states import SHOWN_FIRST, State
+from ..states import State
+from ..store import rollup
 from ..store.ledger import Ledger
+from ..store.rollup import JOB_ATTRS as _JOB_ATTRS
 from ..traffic import FIELDS
 from .aggregate import Group
 from .rates import Rates
 from .records import JobRecord, Notes, Query, jobs_from_rows
 
-_SEP = "CHAR(0)"
-
-
-def _first(col: str) -> str:
-    """The first non-null value of a column in (node, restart) order, per job."""
-    return (f"SUBSTRING_INDEX(MIN(CASE WHEN j.{col} IS NOT NULL THEN CONCAT(j.node, {_SEP}, "
-            f"LPAD(j.restart, 10, '0'), {_SEP}, j.{col}) END), {_SEP}, -1)")
-
-
-_RANK = ("CASE j.state " + " ".join(f"WHEN '{s.value}' THEN {r}" for s, r in SHOWN_FIRST.items())
-         + " ELSE 9 END")
-# The state shown first (lowest rank; the first row of that rank in (node, restart) order).
-_STATE = (f"SUBSTRING_INDEX(MIN(CONCAT({_RANK}, {_SEP}, j.node, {_SEP}, LPAD(j.restart, 10, '0'), "
-          f"{_SEP}, j.state)), {_SEP}, -1)")
-_JOB_ATTRS = (f"j.job_id AS job_id, {_STATE} AS jstate, MIN(NULLIF(j.start, '')) AS jstart, "
-              f"MAX(NULLIF(j.`end`, '')) AS jend_any, {_first('user')} AS juser, "
-              f"{_first('account')} AS jaccount, {_first('`partition`')} AS jpartition")
+_ROLLUP_KEYS = {"user": "user", "account": "account", "partition": "`partition`", "month": "month"}
 
 
 def _row_where(cluster: str, query: Query) -> tuple[str, list[Any]]:
@@ -148,9 +134,9 @@ class LedgerSource:
         self.cluster = cluster
 
     def classes(self) -> list[str]:
-        """Every traffic class the cluster's rows hold, sorted."""
+        """Every traffic class the cluster's rows hold, sorted (kept with the rollups)."""
         return sorted(str(k) for (k,) in self.led.query(
-            "SELECT DISTINCT class FROM traffic WHERE cluster = %s", (self.cluster,)))
+            "SELECT class FROM rollup_classes WHERE cluster = %s", (self.cluster,)))
 
     def others_jobs(self, job_ids: frozenset[int], user: str) -> list[int]:
         """Those of `job_ids` that the ledger holds for someone other than `user`, sorted."""
@@ -192,7 +178,89 @@ class LedgerSource:
 
     def aggregate(self, query: Query, classes: list[str], by: tuple[str, ...], rates: Rates | None,
                   notes: Notes) -> list[Group]:
-        """Totals per group, computed by the server (aggregate.aggregate's result)."""
+        """Totals per group (aggregate.aggregate's result): from the rollups when they can
+        answer the query exactly, else summed by the server from the job rows."""
+        groups = self.aggregate_rollup(query, classes, by, rates, notes)
+        if groups is None:
+            groups = self.aggregate_rows(query, classes, by, rates, notes)
+        return groups
+
+    def aggregate_rollup(self, query: Query, classes: list[str], by: tuple[str, ...], rates: Rates | None,
+                         notes: Notes) -> list[Group] | None:
+        """Totals per group from the rollups; None if they cannot answer the query exactly: a
+        key they do not hold (node, day), a selection of jobs or nodes or states, a window
+        that cuts through a group (a partial month), or a selection by user, account or
+        partition while some job's rows disagree on it."""
+        if (not query.billing or any(b not in _ROLLUP_KEYS for b in by) or query.job_ids is not None
+                or query.nodes is not None or query.states is not None or query.id_range is not None):
+            return None
+        # Named parameters: %(s)s and %(e)s the window, %(pN)s the picked names.
+        params: dict[str, Any] = {"cluster": self.cluster, "s": query.start, "e": query.end}
+        mask = 0
+        picks = []
+        for col, values, bit in (("user", query.users, rollup.MIXED_USER),
+                                 ("account", query.accounts, rollup.MIXED_ACCOUNT),
+                                 ("`partition`", query.partitions, rollup.MIXED_PARTITION)):
+            if values is None:
+                continue
+            mask |= bit
+            names = []
+            for v in sorted(values):
+                names.append(f"%(p{len(params)})s")
+                params[f"p{len(params)}"] = v
+            picks.append(f"r.{col} IN ({', '.join(names)})" if names else "FALSE")
+        picked = " AND ".join(picks) or "TRUE"
+        has_s, has_e = query.start is not None, query.end is not None
+        no_start = f"(r.flags & {rollup.NO_START}) <> 0"
+        # A group is read only if every job of it is inside the window, or every one outside
+        # (its bounds: see store/rollup.py); a billed job is inside if it ended in the window
+        # and started before its end (-E), a running one if it started before -E.
+        billed_in = " AND ".join(["TRUE"] + (["r.lo_end >= %(s)s"] if has_s else [])
+                                 + (["r.hi_end <= %(e)s", f"NOT {no_start}", "r.hi_start <= %(e)s"] if has_e else []))
+        billed_out = " OR ".join(["FALSE"] + (["r.hi_end < %(s)s"] if has_s else [])
+                                 + (["r.lo_end > %(e)s", no_start, "r.lo_start > %(e)s"] if has_e else []))
+        running_in = f"NOT {no_start} AND r.hi_start <= %(e)s" if has_e else "TRUE"
+        running_out = f"{no_start} OR r.lo_start > %(e)s" if has_e else "FALSE"
+        billed, running = f"r.kind = {rollup.BILLED}", f"r.kind = {rollup.RUNNING}"
+        undecided = (f"SELECT COUNT(*) FROM rollup r WHERE r.cluster = %(cluster)s AND r.jobs <> 0 "
+                     f"AND ((r.flags & {mask}) <> 0 OR ({picked} AND NOT "
+                     f"(({billed} AND (({billed_in}) OR ({billed_out}))) OR ({running} AND (({running_in}) OR ({running_out}))))))")
+        if self.led.query(undecided, params)[0][0]:
+            return None
+        where = f"r.cluster = %(cluster)s AND r.jobs <> 0 AND {picked}"
+        unbilled = self.led.query(f"SELECT COALESCE(SUM(r.jobs), 0) FROM rollup r WHERE {where} AND {running} "
+                                  f"AND ({running_in})", params)[0][0]
+        chosen = f"{where} AND {billed} AND ({billed_in})"
+        index = {k: i for i, k in enumerate(classes)}
+        width = len(FIELDS)
+        out: dict[tuple[str, ...], Group] = {}
+        keyof: dict[bytes, tuple[str, ...]] = {}
+        cols = ", ".join(f"r.{_ROLLUP_KEYS[b]}" for b in by)
+        for gkey, jobs, *keys in self.led.query(f"SELECT r.gkey, r.jobs, {cols} FROM rollup r WHERE {chosen}", params):
+            key = tuple(str(k) if b == "month" else (str(k) or "(none)") for b, k in zip(by, keys))
+            keyof[gkey] = key
+            g = out.get(key) or out.setdefault(key, Group(key, classes))
+            g.jobs += int(jobs)
+        for gkey, cls, *vals in self.led.query(
+                f"SELECT t.gkey, t.class, {', '.join('t.' + f for f in FIELDS)} FROM rollup_traffic t "
+                f"JOIN rollup r ON r.gkey = t.gkey WHERE {chosen}", params):
+            i = index.get(str(cls))
+            if i is None:  # as the rows' pivot: a class not reported is not summed
+                continue
+            g = out[keyof[gkey]]
+            for f, v in enumerate(vals):
+                g.vec[i * width + f] += int(v)
+        groups = sorted((g for g in out.values() if g.jobs), key=lambda g: g.key)
+        if rates is not None:
+            for g in groups:
+                g.cost = rates.cost(g.traffic)
+        notes.unbilled_running += int(unbilled)
+        return groups
+
+    def aggregate_rows(self, query: Query, classes: list[str], by: tuple[str, ...], rates: Rates | None,
+                       notes: Notes) -> list[Group]:
+        """Totals per group, summed by the server from the job rows."""
+
         cond = _Cond(query)
         jt, jparams = _jobs_table(self.cluster, query)
         pivot, pparams = _pivot(classes)

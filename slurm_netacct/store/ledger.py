@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,15 +15,19 @@ import MySQLdb.cursors
 from ..config import LedgerConfig, LedgerURL
 from ..errors import ConfigError, LedgerError
 from ..traffic import FIELDS
+from . import rollup
 
 # The ledger's schema, one list of statements per version; a server at version v gets the
 # statements of v+1, v+2, ... in turn, each version recorded once its statements have run
-# (MariaDB commits DDL at once: every statement is written so that running it twice is harmless).
+# (MariaDB commits DDL at once: every statement is written so that running it twice is harmless;
+# a function fills tables in one transaction that also records the version, so a crash in the
+# middle leaves the version unrecorded and the tables empty, and the migration runs again).
 # Text is utf8mb4_nopad_bin: compared and grouped by code point, trailing spaces significant, as
 # Python compares it (a report from the ledger must equal the node-database report exactly).
 # Times are the node database's ISO strings (2026-11-25T08:00:00Z): they sort as text.
 _TEXT = "CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin"
-MIGRATIONS: list[list[str]] = [
+Step = str | Callable[[Any], None]
+MIGRATIONS: list[list[Step]] = [
     [  # version 1: one row per job, node and run; its traffic per class
         "CREATE TABLE IF NOT EXISTS netacct_schema (version INT NOT NULL) ENGINE=InnoDB",
         "CREATE TABLE IF NOT EXISTS jobs ("
@@ -60,9 +64,14 @@ MIGRATIONS: list[list[str]] = [
         f") ENGINE=InnoDB {_TEXT}",
         "CREATE INDEX IF NOT EXISTS jobs_by_shipped ON jobs (cluster, shipped_at)",
     ],
+    # version 4: monthly rollups (store/rollup.py), filled from the rows already there; first
+    # the column that shuts out shippers of earlier versions (see UPSERT_JOB_4; instant in MariaDB)
+    ["ALTER TABLE jobs ADD COLUMN IF NOT EXISTS upkeep TINYINT NOT NULL", *rollup.MIGRATION, rollup.build],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+ROLLUPS_SINCE = 4
 _LOCK = "netacct_ledger_schema"
+_DEADLOCK_RETRIES = 5
 REPORT_TMP_TABLE_BYTES = 256 << 20
 
 JOB_FIELDS = ("job_id", "node", "restart", "user", "uid", "account", "partition", "start", "end",
@@ -70,10 +79,15 @@ JOB_FIELDS = ("job_id", "node", "restart", "user", "uid", "account", "partition"
 _Q = {"partition": "`partition`", "end": "`end`"}
 _JOB_COLS = ", ".join(_Q.get(c, c) for c in ("cluster", *JOB_FIELDS, "finality"))
 _NEWER = "VALUES(finality) >= finality"  # finality itself is assigned last: the test sees the old one
-UPSERT_JOB = (f"INSERT INTO jobs ({_JOB_COLS}) VALUES ({', '.join(['%s'] * (len(JOB_FIELDS) + 2))}) "
-              "ON DUPLICATE KEY UPDATE "
-              + ", ".join(f"{_Q.get(c, c)} = IF({_NEWER}, VALUES({_Q.get(c, c)}), {_Q.get(c, c)})"
-                          for c in (*JOB_FIELDS[3:], "finality")))
+_JOB_UPDATE = ("ON DUPLICATE KEY UPDATE "
+               + ", ".join(f"{_Q.get(c, c)} = IF({_NEWER}, VALUES({_Q.get(c, c)}), {_Q.get(c, c)})"
+                           for c in (*JOB_FIELDS[3:], "finality")))
+UPSERT_JOB = f"INSERT INTO jobs ({_JOB_COLS}) VALUES ({', '.join(['%s'] * (len(JOB_FIELDS) + 2))}) {_JOB_UPDATE}"
+# From schema 4 on, a job row names the column `upkeep` (NOT NULL, no default), which the
+# statement of earlier versions does not: a node still running one of them is refused by the
+# server (strict mode, MariaDB's default) instead of writing rows the rollups would miss.
+UPSERT_JOB_4 = (f"INSERT INTO jobs ({_JOB_COLS}, upkeep) VALUES ({', '.join(['%s'] * (len(JOB_FIELDS) + 3))}) "
+                f"{_JOB_UPDATE}")
 UPSERT_TRAFFIC = (f"INSERT INTO traffic (cluster, job_id, node, restart, class, {', '.join(FIELDS)}, finality) "
                   f"VALUES ({', '.join(['%s'] * (6 + len(FIELDS)))}) ON DUPLICATE KEY UPDATE "
                   + ", ".join(f"{c} = IF({_NEWER}, VALUES({c}), {c})" for c in (*FIELDS, "finality")))
@@ -128,6 +142,11 @@ class Ledger:
     def __init__(self, conn: Any, url: LedgerURL) -> None:
         self.conn = conn
         self.url = url
+        self.schema = SCHEMA_VERSION  # what check_version or migrate found or made
+        self.known_classes: set[tuple[str, str]] = set()  # (cluster, class) in rollup_classes
+        # A connection without the read timeout, for a migration: filling the rollups of a big
+        # ledger, or waiting for another node's, takes longer than `timeout` (connect sets it).
+        self.untimed: Callable[[], Any] | None = None
 
     @contextmanager
     def errors(self) -> Iterator[None]:
@@ -173,7 +192,16 @@ class Ledger:
                 raise LedgerError(f"ledger {self.url}: schema version {version}, older than this version "
                                   f"of slurm-netacct reads ({SCHEMA_VERSION}): run netacct-ship once "
                                   "(it migrates the ledger)")
-            version = self.migrate()
+            if self.untimed is None:
+                version = self.migrate()
+            else:
+                with self.errors():
+                    other = Ledger(self.untimed(), self.url)
+                try:
+                    version = other.migrate()
+                finally:
+                    other.close()
+        self.schema = version
         return version
 
     def migrate(self, target: int = SCHEMA_VERSION) -> int:
@@ -190,35 +218,60 @@ class Ledger:
                     raise LedgerError(f"ledger {self.url}: schema version {version} is newer than this "
                                       f"version of slurm-netacct knows ({SCHEMA_VERSION}): upgrade slurm-netacct")
                 while version < target:
-                    for sql in MIGRATIONS[version]:
-                        cur.execute(sql)
+                    for step in MIGRATIONS[version]:
+                        if isinstance(step, str):
+                            cur.execute(step)
+                        else:  # after the DDL (each commits at once): one transaction, reads locked
+                            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                            step(cur)
                     version += 1
                     cur.execute("INSERT INTO netacct_schema (version) VALUES (%s)", (version,))
                     self.conn.commit()
+                self.schema = version
                 return version
             finally:
                 cur.execute("SELECT RELEASE_LOCK(%s)", (_LOCK,))
                 cur.fetchall()
 
-    def upsert(self, cluster: str, jobs: Sequence[Sequence[Any]], traffic: Sequence[Sequence[Any]]) -> None:
+    def upsert(self, cluster: str, jobs: Sequence[Sequence[Any]], traffic: Sequence[Sequence[Any]],
+               rollups: bool | None = None) -> None:
         """Store job rows (JOB_FIELDS order) and traffic rows (job_id, node, restart, class,
         FIELDS...) of one node in one transaction. Absolute values, keyed by cluster, job, node
-        and run: sending a row twice stores it once; an older copy never replaces a newer one."""
+        and run: sending a row twice stores it once; an older copy never replaces a newer one.
+        The rollups follow in the same transaction, from schema 4 on (`rollups=False`: only for a
+        benchmark's comparison). A deadlock between two shippers is retried."""
+        if rollups is None:
+            rollups = self.schema >= ROLLUPS_SINCE
         fin = {(j[0], j[1], j[2]): finality(j[9], j[8], j[10]) for j in jobs}
-        with self.errors():
-            try:
-                cur = self.conn.cursor()
-                if jobs:
-                    cur.executemany(UPSERT_JOB, [(cluster, *j, fin[(j[0], j[1], j[2])]) for j in jobs])
-                if traffic:
-                    cur.executemany(UPSERT_TRAFFIC, [(cluster, *t, fin[(t[0], t[1], t[2])]) for t in traffic])
-                self.conn.commit()
-            except BaseException:
+        for attempt in range(_DEADLOCK_RETRIES + 1):
+            with self.errors():
                 try:
-                    self.conn.rollback()
-                except MySQLdb.Error:
-                    pass
-                raise
+                    cur = self.conn.cursor()
+                    upkeep = rollup.Maintenance(cur, cluster, {int(j[0]) for j in jobs}) if rollups else None
+                    if upkeep is not None:
+                        upkeep.lock()
+                    if jobs and self.schema >= ROLLUPS_SINCE:
+                        cur.executemany(UPSERT_JOB_4, [(cluster, *j, fin[(j[0], j[1], j[2])], 1) for j in jobs])
+                    elif jobs:
+                        cur.executemany(UPSERT_JOB, [(cluster, *j, fin[(j[0], j[1], j[2])]) for j in jobs])
+                    if traffic:
+                        cur.executemany(UPSERT_TRAFFIC, [(cluster, *t, fin[(t[0], t[1], t[2])]) for t in traffic])
+                    new_classes = {str(t[3]) for t in traffic} - {c for k, c in self.known_classes if k == cluster}
+                    if upkeep is not None:
+                        upkeep.apply(new_classes)
+                    self.conn.commit()
+                    if upkeep is not None:
+                        self.known_classes.update((cluster, c) for c in new_classes)
+                    return
+                except BaseException as exc:
+                    try:
+                        self.conn.rollback()
+                    except MySQLdb.Error:
+                        pass
+                    if (isinstance(exc, MySQLdb.OperationalError) and exc.args and exc.args[0] == 1213
+                            and attempt < _DEADLOCK_RETRIES):
+                        continue  # InnoDB rolled the transaction back: run it again
+                    raise
 
     def stream(self, sql: str, params: Sequence[Any]) -> Iterator[tuple[Any, ...]]:
         """Rows of a query, fetched as they come (unbuffered): memory stays flat."""
@@ -239,10 +292,11 @@ class Ledger:
                 else:  # the reader stopped early (`| head`): closing the cursor would read every
                     self.close()  # remaining row first; dropping the connection ends the query
 
-    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """All rows of a query; `params` by position (%s) or by name (%(name)s)."""
         with self.errors():
             cur = self.conn.cursor()
-            cur.execute(sql, tuple(params))
+            cur.execute(sql, params if isinstance(params, Mapping) else tuple(params))
             return list(cur.fetchall())
 
 
@@ -272,6 +326,7 @@ def connect(cfg: LedgerConfig, report: bool = False, migrate: bool = False) -> L
     except MySQLdb.Error as exc:
         raise LedgerError(describe(exc, url)) from None
     led = Ledger(conn, url)
+    led.untimed = lambda: MySQLdb.connect(**{k: v for k, v in kw.items() if k != "read_timeout"})
     try:
         with led.errors():
             cur = conn.cursor()

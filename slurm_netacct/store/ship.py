@@ -69,12 +69,13 @@ def _batch(db: sqlite_utils.Database, after: int, limit: int) -> tuple[list[tupl
 
 
 def ship(node_db: Path, cfg: LedgerConfig, led: ledger_mod.Ledger | None = None,
-         max_batches: int | None = None) -> Shipped:
+         max_batches: int | None = None, rollups: bool | None = None) -> Shipped:
     """Send every row of the node database that changed since the last run to the ledger.
 
     Each batch is one ledger transaction; the watermark moves only after it has committed. A
     crash or an outage between the two sends the batch again, which changes nothing (absolute
-    values, keyed rows). Memory holds one batch. StoreError for the node database,
+    values, keyed rows). Memory holds one batch (`rollups=False`: without the rollups' upkeep,
+    for a benchmark's comparison only). StoreError for the node database,
     LedgerError for the ledger (nothing is lost: the next run resumes at the watermark)."""
     if not node_db.exists():
         raise StoreError(f"database {node_db} does not exist")
@@ -89,7 +90,7 @@ def ship(node_db: Path, cfg: LedgerConfig, led: ledger_mod.Ledger | None = None,
             jobs, traffic, top = _batch(db, done.watermark, cfg.batch)
             if not jobs:
                 break
-            led.upsert(cfg.cluster, jobs, traffic)
+            led.upsert(cfg.cluster, jobs, traffic, rollups=rollups)
             _set_watermark(db, key, top)
             done.rows += len(jobs)
             done.batches += 1
