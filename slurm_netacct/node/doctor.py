@@ -15,6 +15,7 @@ import re
 import shlex
 import socket
 import stat
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,6 +327,12 @@ def hook_target(path: Path, which: str, depth: int = 0) -> Path | None:
     return None
 
 
+def installed_hook(which: str) -> Path:
+    """This installation's hook: next to the venv the doctor runs from, in the Debian package
+    (/usr/lib/slurm-netacct/venv) as in a checkout (<checkout>/.venv)."""
+    return Path(sys.prefix).parent / which
+
+
 def hook_paths(value: str) -> list[Path]:
     """The executables of a Prolog= or Epilog= value: comma-separated, each may be a glob
     (SLURM 23.02 and later run every match)."""
@@ -347,7 +354,7 @@ def check_slurm_conf(ctx: Context) -> Iterator[Result]:
     for which in ("prolog", "epilog"):
         key = which.capitalize()
         value = conf.get(key)
-        fix = f"set `{key}=/opt/slurm-netacct/{which}` in slurm.conf (README, step 5)"
+        fix = f"set `{key}={installed_hook(which)}` in slurm.conf (README, step 5)"
         if not value:
             yield Result(which, Verdict.FAIL, f"{conf.path} has no {key}=: no job is accounted", fix)
             continue
