@@ -112,6 +112,18 @@ def node_name(value: str | None, db_pattern: str | None = None) -> str:
     return node
 
 
+def name_addrs(items: list[str], flag: str) -> dict[str, str]:
+    """NAME=ADDR values of a repeatable flag (netacct-routes --node, netacct-doctor
+    --cluster-node), in order; UsageError naming the flag for one without both parts."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, addr = item.partition("=")
+        if not sep or not name or not addr:
+            raise UsageError(f"{flag} {item!r}: expected NAME=ADDR")
+        out[name] = addr
+    return out
+
+
 def job_ids(values: list[str] | None, flag: str) -> set[int] | None:
     """The job ids of a repeatable, comma-separated flag; JobIdError naming the flag."""
     from ..errors import JobIdError

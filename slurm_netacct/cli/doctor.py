@@ -10,7 +10,7 @@ from .. import naming
 from ..errors import NetacctError, UsageError
 from ..node import doctor
 from ..node.doctor import Result, Verdict
-from .common import Command, Parser, node_name
+from .common import Command, Parser, name_addrs, node_name
 
 FAILED, WARNED = 20, 21
 
@@ -51,18 +51,6 @@ def _arguments(p: Parser) -> None:
                    help="also run a throwaway job and check its counters (compute nodes; root)")
 
 
-def _cluster_nodes(items: list[str] | None) -> dict[str, str] | None:
-    if not items:
-        return None
-    out = {}
-    for item in items:
-        name, sep, addr = item.partition("=")
-        if not sep or not name or not addr:
-            raise UsageError(f"--cluster-node {item!r}: expected NAME=ADDR")
-        out[name] = addr
-    return out
-
-
 def _body(args: argparse.Namespace) -> int:
     only = set(args.check) if args.check else None
     if args.self_test and only is not None:
@@ -72,7 +60,7 @@ def _body(args: argparse.Namespace) -> int:
         slurm_conf=args.slurm_conf or Path(os.environ.get("SLURM_CONF") or doctor.DEFAULT_SLURM_CONF),
         plugstack=args.plugstack, pam=args.pam, socket=args.socket,
         node=node_name(args.node) if args.node else None, role=args.role,
-        cluster_nodes=_cluster_nodes(args.cluster_node))
+        cluster_nodes=name_addrs(args.cluster_node, "--cluster-node") if args.cluster_node else None)
     if str(setup.socket) == "":
         raise UsageError("--socket: an empty path")
     ctx = doctor.context(setup)

@@ -6,9 +6,8 @@ import argparse
 import os
 
 from .. import config as config_mod
-from ..errors import UsageError
 from ..node import identity, routes
-from .common import Command, Parser
+from .common import Command, Parser, name_addrs
 
 
 def _arguments(p: Parser) -> None:
@@ -20,16 +19,6 @@ def _arguments(p: Parser) -> None:
                         "is an address of this host is skipped in any case)")
 
 
-def _nodes(items: list[str]) -> dict[str, str]:
-    nodes = {}
-    for item in items:
-        name, sep, addr = item.partition("=")
-        if not sep or not name or not addr:
-            raise UsageError(f"--node {item!r}: expected NAME=ADDR")
-        nodes[name] = addr
-    return nodes
-
-
 def _body(args: argparse.Namespace) -> None:
     if args.action == "remove":
         print(f"removed {routes.remove()} routes")
@@ -39,7 +28,7 @@ def _body(args: argparse.Namespace) -> None:
             print(f"{prefix} via {via}")
         return
     cfg = config_mod.load()
-    nodes = _nodes(args.node) if args.node else routes.slurm_nodes()
+    nodes = name_addrs(args.node, "--node") if args.node else routes.slurm_nodes()
     self_node = args.self_node or os.environ.get("SLURMD_NODENAME")
     planned = routes.plan(cfg, nodes, self_node, identity.local_addresses())
     added, removed = routes.install(planned)
